@@ -1,0 +1,1 @@
+"""LangGraph agent: task definition, data generation, training, judging, deploy."""

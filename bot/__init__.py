@@ -1,0 +1,1 @@
+"""Slack adapter: Bolt app, handlers, Block Kit builders, presenter, CLI."""

@@ -1,0 +1,1 @@
+"""GPU and background work: RunPod, pod training script, judge, deploy, nightly."""

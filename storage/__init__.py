@@ -1,0 +1,1 @@
+"""Persistence layer: settings, SQLModel tables and repository functions."""

@@ -1,0 +1,81 @@
+"""The one object that reads environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    # Slack
+    slack_bot_token: SecretStr | None = None
+    slack_app_token: SecretStr | None = None  # Socket Mode (xapp-...)
+    slack_signing_secret: SecretStr | None = None  # HTTP mode
+    tuner_slack_api_url: str = "https://slack.com/api/"
+    tuner_http_port: int = 3000
+
+    # Anthropic (ANTHROPIC_BASE_URL is read by the SDK itself)
+    anthropic_api_key: SecretStr | None = None
+    anthropic_base_url: str | None = None
+    tuner_claude_model: str = "claude-sonnet-4-5"
+    tuner_judge_model: str = "claude-sonnet-4-5"
+    tuner_generation_concurrency: int = 8
+
+    # RunPod (RUNPOD_API_BASE_URL / RUNPOD_ENDPOINT_BASE_URL are SDK-native)
+    runpod_api_key: SecretStr | None = None
+    runpod_api_base_url: str | None = None
+    runpod_endpoint_base_url: str | None = None
+    tuner_pod_url_template: str = "https://{pod_id}-{port}.proxy.runpod.net"
+    tuner_pod_image: str = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
+    tuner_gpu_types: str = "NVIDIA RTX A5000,NVIDIA GeForce RTX 4090,NVIDIA RTX A6000,NVIDIA A40"
+    tuner_cloud_types: str = "SECURE,COMMUNITY"
+    tuner_reaper_interval_s: int = 300
+    tuner_poll_interval_s: float = 10.0
+    tuner_pod_ready_timeout_s: float = 900.0
+    tuner_vllm_image: str = "runpod/worker-v1-vllm:v2.7.0stable-cuda12.1.0"
+    hf_token: SecretStr | None = None
+    tuner_hf_namespace: str | None = None
+
+    # Storage
+    database_url: str = "sqlite:///tuner.db"
+
+    # Policy
+    tuner_allowed_users: str = ""  # comma-separated Slack user ids; empty = everyone
+    tuner_allowed_channels: str = ""  # comma-separated channel ids; empty = everywhere
+    tuner_project_budget_usd: float = 50.0
+    tuner_default_examples: int = Field(default=1000, ge=1)
+    tuner_promotion_threshold: float = 0.5
+    tuner_nightly_hour_utc: int = 3
+    tuner_nightly_min_new_examples: int = 50
+
+    @staticmethod
+    def _csv(value: str) -> list[str]:
+        return [v.strip() for v in value.split(",") if v.strip()]
+
+    @property
+    def allowed_users(self) -> list[str]:
+        return self._csv(self.tuner_allowed_users)
+
+    @property
+    def allowed_channels(self) -> list[str]:
+        return self._csv(self.tuner_allowed_channels)
+
+    @property
+    def gpu_types(self) -> list[str]:
+        return self._csv(self.tuner_gpu_types)
+
+    @property
+    def cloud_types(self) -> list[str]:
+        return self._csv(self.tuner_cloud_types)
+
+    def user_allowed(self, user_id: str) -> bool:
+        return not self.allowed_users or user_id in self.allowed_users
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
