@@ -158,3 +158,15 @@ class NightlyRun(SQLModel, table=True):
     status: str = "running"  # running|skipped|trained|promoted|kept|failed
     report: str = ""
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class MessageRef(SQLModel, table=True):
+    """The Slack ts of a message edited in place, so edits survive a restart."""
+
+    __tablename__ = "message_ref"
+    __table_args__ = (UniqueConstraint("thread_id", "key"),)
+    id: int | None = Field(default=None, primary_key=True)
+    thread_id: str = Field(index=True)
+    key: str
+    channel_id: str
+    ts: str
