@@ -1,40 +1,16 @@
 """Interfaces the agent talks through. Implementations live in bot/ (Slack) and jobs/.
 
 Nothing here knows about Slack: the bot's presenter turns these calls into messages.
+A thread_id is "team:channel:thread_ts"; an empty thread_ts ("team:channel:") means
+a top-level post in the channel (used by nightly reports).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
-from pydantic import BaseModel
-
-T = TypeVar("T", bound=BaseModel)
-
-
-class LLMOutputError(RuntimeError):
-    """The model kept returning output that does not fit the schema."""
-
-
-class LLM(Protocol):
-    def structured(
-        self,
-        *,
-        system: str,
-        messages: list[dict[str, Any]],
-        schema: type[T],
-        purpose: str,
-        project_id: int | None = None,
-        max_tokens: int = 4096,
-        model: str | None = None,
-    ) -> T:
-        """Call Claude and return a validated `schema` instance.
-
-        Retries malformed output a few times, then raises LLMOutputError.
-        Records token usage in the spend ledger under `purpose`.
-        """
-        ...
+from jobs.llm import LLM, LLMOutputError  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -70,6 +46,10 @@ class Notifier(Protocol):
 
     def error(self, thread_id: str, text: str) -> None: ...
 
+    def ask(self, thread_id: str, interrupt_id: str, payload: dict[str, Any]) -> None:
+        """Render a pending human-approval interrupt (payload["kind"] says which card)."""
+        ...
+
 
 @dataclass
 class RecordingNotifier:
@@ -92,6 +72,9 @@ class RecordingNotifier:
 
     def error(self, thread_id: str, text: str) -> None:
         self.calls.append(("error", text))
+
+    def ask(self, thread_id: str, interrupt_id: str, payload: dict[str, Any]) -> None:
+        self.calls.append(("ask", (interrupt_id, payload)))
 
     def texts(self, kind: str) -> list[Any]:
         return [v for k, v in self.calls if k == kind]
