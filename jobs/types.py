@@ -1,0 +1,65 @@
+"""Plain data passed between jobs/ services and the agent (no Slack, no SDK types)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class NoCapacityError(RuntimeError):
+    """No GPU of any configured type/cloud could be had."""
+
+
+class BudgetExceededError(RuntimeError):
+    """Launching would exceed the project's budget cap."""
+
+
+@dataclass(frozen=True)
+class GpuChoice:
+    gpu_type: str
+    cloud_type: str
+    price_per_hour: float
+
+
+@dataclass(frozen=True)
+class LaunchEstimate:
+    gpu_type: str
+    cloud_type: str
+    price_per_hour: float
+    est_minutes: float
+    est_usd: float
+    spent_usd: float
+    budget_usd: float
+    price_is_live: bool
+
+    @property
+    def over_budget(self) -> bool:
+        return self.spent_usd + self.est_usd > self.budget_usd
+
+
+@dataclass
+class RunSnapshot:
+    run_id: int
+    state: str
+    step: int = 0
+    max_steps: int = 0
+    epoch: float = 0.0
+    train_loss: list[tuple[int, float]] = field(default_factory=list)
+    eval_loss: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int | None = None
+    best_eval_loss: float | None = None
+    eta_s: float | None = None
+    cost_usd: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunOutcome:
+    run_id: int
+    status: str  # succeeded | stopped | failed
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    artifact_uri: str | None = None
+    hf_repo: str | None = None
+    generations: dict[str, str] = field(default_factory=dict)  # eval prompt id -> output
+    cost_usd: float = 0.0
+    error: str | None = None
