@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     tuner_poll_interval_s: float = 10.0
     tuner_pod_ready_timeout_s: float = 900.0
     tuner_vllm_image: str = "runpod/worker-v1-vllm:v2.7.0stable-cuda12.1.0"
+    # JSON object merged into the pod TrainConfig (e.g. {"max_steps": 200}); tests use
+    # {"tiny_random_model": true} so the pod program trains a tiny local model on CPU.
+    tuner_train_overrides: str = ""
     hf_token: SecretStr | None = None
     tuner_hf_namespace: str | None = None
 
@@ -71,6 +74,17 @@ class Settings(BaseSettings):
     @property
     def cloud_types(self) -> list[str]:
         return self._csv(self.tuner_cloud_types)
+
+    @property
+    def train_overrides(self) -> dict[str, object]:
+        import json
+
+        if not self.tuner_train_overrides.strip():
+            return {}
+        value = json.loads(self.tuner_train_overrides)
+        if not isinstance(value, dict):
+            raise ValueError("TUNER_TRAIN_OVERRIDES must be a JSON object")
+        return value
 
     def user_allowed(self, user_id: str) -> bool:
         return not self.allowed_users or user_id in self.allowed_users
