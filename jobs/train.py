@@ -1,0 +1,650 @@
+"""Pod-side training program: an authenticated HTTP control server plus a QLoRA trainer.
+
+Runs on a RunPod GPU pod as ``python jobs/train.py`` (or ``python -m jobs.train``).
+Only this file, ``jobs/podproto.py`` and ``jobs/__init__.py`` are copied to the pod, so it
+imports nothing but the stdlib, pydantic and the ML stack (torch/transformers/peft/trl,
+unsloth when present). The wire contract lives in ``jobs/podproto.py``.
+
+Backends: unsloth 4-bit QLoRA when CUDA and unsloth are available; otherwise
+transformers + peft + trl (CPU or plain GPU). Both train on the assistant response only
+(prompt tokens get label -100), evaluate every ``eval_steps``, keep the best eval-loss
+checkpoint, stop early on patience or on ``POST /stop``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import traceback
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python jobs/train.py`: make `jobs` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pydantic import ValidationError  # noqa: E402
+
+from jobs.podproto import (  # noqa: E402
+    ADAPTER_ARTIFACT,
+    POD_PORT,
+    TERMINAL_STATES,
+    TOKEN_ENV,
+    ChatRow,
+    Generation,
+    JobRequest,
+    Progress,
+    Results,
+    TrainConfig,
+)
+
+log = logging.getLogger("tuner.train")
+
+# Tiny-tokenizer special tokens and chat template (test-only model).
+_ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+_END, _PAD = "<|end|>", "<|pad|>"
+_TINY_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+class StopRequested:
+    """Thread-safe flag set by POST /stop and polled by the trainer callback."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+
+class JobState:
+    """Everything the HTTP handlers and the training thread share; guarded by one lock."""
+
+    def __init__(self, workdir: Path, secrets: list[str]) -> None:
+        self.workdir = workdir
+        self.artifacts_dir = workdir / "artifacts"
+        self.lock = threading.Lock()
+        self.progress = Progress()
+        self.results: Results | None = None
+        self.stop = StopRequested()
+        self.thread: threading.Thread | None = None
+        self._secrets = [s for s in secrets if s]
+        self._started = 0.0
+
+    # -- progress ---------------------------------------------------------
+    def snapshot(self) -> Progress:
+        with self.lock:
+            if self._started and self.progress.state not in TERMINAL_STATES:
+                self.progress.elapsed_s = round(time.monotonic() - self._started, 3)
+            return self.progress.model_copy(deep=True)
+
+    def update(self, **fields: Any) -> None:
+        with self.lock:
+            for key, value in fields.items():
+                setattr(self.progress, key, value)
+            if self._started:
+                self.progress.elapsed_s = round(time.monotonic() - self._started, 3)
+
+    def record_eval(self, step: int, loss: float) -> None:
+        with self.lock:
+            p = self.progress
+            p.eval_loss.append((step, loss))
+            if p.best_eval_loss is None or loss < p.best_eval_loss:
+                p.best_eval_loss, p.best_step = loss, step
+
+    def record_train(self, step: int, loss: float) -> None:
+        with self.lock:
+            self.progress.train_loss.append((step, loss))
+
+    # -- lifecycle --------------------------------------------------------
+    def start(self, job: JobRequest) -> tuple[int, Progress]:
+        with self.lock:
+            current = self.progress.job_id
+            if current is not None:
+                if current == job.config.job_id:
+                    return HTTPStatus.OK, self.progress.model_copy(deep=True)
+                return HTTPStatus.CONFLICT, self.progress.model_copy(deep=True)
+            self.progress = Progress(job_id=job.config.job_id, state="loading")
+            self._started = time.monotonic()
+            self.thread = threading.Thread(target=self._run, args=(job,), name="train", daemon=True)
+            self.thread.start()
+            return HTTPStatus.ACCEPTED, self.progress.model_copy(deep=True)
+
+    def _run(self, job: JobRequest) -> None:
+        try:
+            results = run_job(job, self)
+        except Exception as exc:  # noqa: BLE001 - any failure becomes state "failed"
+            log.error("job failed: %s", self.scrub(traceback.format_exc()))
+            self.update(state="failed", error=self.scrub(f"{type(exc).__name__}: {exc}")[:500], eta_s=None)
+            return
+        with self.lock:
+            self.results = results
+            self.progress.state = results.state
+            self.progress.eta_s = 0.0
+            self.progress.elapsed_s = round(time.monotonic() - self._started, 3)
+
+    def scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return re.sub(r"hf_[A-Za-z0-9]{20,}", "hf_***", text)
+
+
+# ---------------------------------------------------------------------------
+# Data preparation (pure python; no heavy imports)
+# ---------------------------------------------------------------------------
+
+
+def validate_job(job: JobRequest) -> None:
+    """Cheap checks before the heavy ML imports, so a bad job fails fast with a clear error."""
+    cfg = job.config
+    if not job.train:
+        raise ValueError("train split is empty")
+    if not job.val:
+        raise ValueError("val split is empty")
+    for name, rows in (("train", job.train), ("val", job.val)):
+        for i, row in enumerate(rows):
+            split_row(row, where=f"{name}[{i}]")
+    if cfg.lora_r < 1 or cfg.lora_alpha < 1:
+        raise ValueError("lora_r and lora_alpha must be >= 1")
+    if cfg.eval_steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.max_seq_len < 8:
+        raise ValueError("eval_steps, batch_size, grad_accum must be >= 1 and max_seq_len >= 8")
+    if cfg.max_steps == 0 or (cfg.max_steps < 0 and cfg.num_epochs <= 0):
+        raise ValueError("need max_steps > 0 or num_epochs > 0")
+    if not (0 < cfg.learning_rate < 1):
+        raise ValueError("learning_rate must be in (0, 1)")
+
+
+def split_row(row: ChatRow, where: str = "row") -> tuple[list[dict[str, str]], dict[str, str]]:
+    """Prompt = every message before the final assistant turn; completion = that turn."""
+    msgs = row.messages
+    if not msgs or msgs[-1].get("role") != "assistant":
+        raise ValueError(f"{where}: last message must have role 'assistant'")
+    for m in msgs:
+        if m.get("role") not in _ROLE_TOKENS or not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}: each message needs role system|user|assistant and string content")
+    if len(msgs) < 2:
+        raise ValueError(f"{where}: needs at least one prompt message before the assistant turn")
+    return msgs[:-1], msgs[-1]
+
+
+def tokenize_rows(tokenizer: Any, rows: list[ChatRow], max_len: int) -> list[dict[str, list[int]]]:
+    """input_ids/attention_mask/labels with the prompt masked (-100): train on responses only."""
+    out: list[dict[str, list[int]]] = []
+    for row in rows:
+        prompt, answer = split_row(row)
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(prompt + [answer], tokenize=False)
+        if not full_text.startswith(prompt_text):  # template renders the prompt differently
+            cut = full_text.rfind(answer["content"])
+            if cut < 0:
+                raise ValueError("chat template does not reproduce the assistant text")
+            prompt_text = full_text[:cut]
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None and (not answer_ids or answer_ids[-1] != tokenizer.eos_token_id):
+            answer_ids.append(tokenizer.eos_token_id)
+        ids = (prompt_ids + answer_ids)[:max_len]
+        labels = ([-100] * len(prompt_ids) + answer_ids)[:max_len]
+        if all(t == -100 for t in labels):
+            continue  # prompt alone fills max_len: nothing to learn
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    if not out:
+        raise ValueError("every example was truncated away; raise max_seq_len")
+    return out
+
+
+def _job_texts(job: JobRequest) -> list[str]:
+    rows = [m for r in job.train + job.val for m in r.messages] + [m for p in job.eval_prompts for m in p.messages]
+    return [m.get("content", "") for m in rows]
+
+
+# ---------------------------------------------------------------------------
+# Model loading
+# ---------------------------------------------------------------------------
+
+
+def build_tiny_model(job: JobRequest) -> tuple[Any, Any]:
+    """Tiny random Llama + a byte-level BPE tokenizer trained on the job's own texts. No hub."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = [_PAD, _END, *_ROLE_TOKENS.values()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_job_texts(job), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=_PAD, eos_token=_END, additional_special_tokens=list(_ROLE_TOKENS.values())
+    )
+    tokenizer.chat_template = _TINY_TEMPLATE
+    torch.manual_seed(job.config.seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=max(job.config.max_seq_len, 64),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config), tokenizer
+
+
+def load_transformers(job: JobRequest, hf_token: str | None) -> tuple[Any, Any]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = job.config
+    if cfg.tiny_random_model:
+        model, tokenizer = build_tiny_model(job)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.base_model, token=hf_token)
+        kwargs: dict[str, Any] = {"token": hf_token}
+        if torch.cuda.is_available():
+            kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            kwargs["device_map"] = {"": 0}
+        model = AutoModelForCausalLM.from_pretrained(cfg.base_model, **kwargs)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear",
+        bias="none",
+        task_type="CAUSAL_LM",
+        # A random base has near-zero logits; let the tiny test model train its head and embeddings.
+        modules_to_save=["lm_head", "embed_tokens"] if cfg.tiny_random_model else None,
+    )
+    return get_peft_model(model, lora), tokenizer
+
+
+def load_unsloth(job: JobRequest, hf_token: str | None) -> tuple[Any, Any]:
+    from unsloth import FastLanguageModel
+
+    cfg = job.config
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=cfg.base_model,
+        max_seq_length=cfg.max_seq_len,
+        load_in_4bit=cfg.load_in_4bit,
+        dtype=None,
+        token=hf_token,
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=cfg.seed,
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def pick_backend(cfg: TrainConfig) -> str:
+    if cfg.tiny_random_model:
+        return "transformers"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "transformers"
+    try:
+        import unsloth  # noqa: F401  (must be imported before transformers/trl to patch them)
+    except Exception:  # noqa: BLE001 - any import failure means "no unsloth"
+        return "transformers"
+    return "unsloth"
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+
+def make_callback(state: JobState) -> Any:
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):
+        """Mirrors trainer state into Progress; turns POST /stop into a graceful stop."""
+
+        def __init__(self) -> None:
+            self._t0 = time.monotonic()
+            self._stopping = False
+
+        def on_train_begin(self, args: Any, tstate: Any, control: Any, **kw: Any) -> None:
+            self._t0 = time.monotonic()
+            state.update(state="training", max_steps=int(tstate.max_steps))
+
+        def on_step_end(self, args: Any, tstate: Any, control: Any, **kw: Any) -> Any:
+            step = int(tstate.global_step)
+            rate = (time.monotonic() - self._t0) / max(step, 1)
+            eta = max(int(tstate.max_steps) - step, 0) * rate
+            state.update(step=step, epoch=float(tstate.epoch or 0.0), eta_s=round(eta, 1))
+            if state.stop.is_set() and not self._stopping:
+                self._stopping = True
+                control.should_training_stop = True
+                control.should_evaluate = True  # final eval so the last stretch can win "best"
+                control.should_save = True
+            return control
+
+        def on_log(self, args: Any, tstate: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
+            if logs and "loss" in logs and math.isfinite(logs["loss"]):
+                state.record_train(int(tstate.global_step), float(logs["loss"]))
+
+        def on_evaluate(
+            self, args: Any, tstate: Any, control: Any, metrics: dict[str, float] | None = None, **kw: Any
+        ) -> None:
+            if metrics and "eval_loss" in metrics:
+                state.record_eval(int(tstate.global_step), float(metrics["eval_loss"]))
+
+    return ProgressCallback()
+
+
+def warmup_steps(cfg: TrainConfig, n_train: int) -> int:
+    """Integer warmup steps from warmup_ratio (works on transformers 4.x and 5.x)."""
+    if cfg.max_steps > 0:
+        total = cfg.max_steps
+    else:
+        per_epoch = math.ceil(math.ceil(n_train / cfg.batch_size) / cfg.grad_accum)
+        total = math.ceil(cfg.num_epochs * per_epoch)
+    return int(math.ceil(total * max(cfg.warmup_ratio, 0.0)))
+
+
+def train_model(job: JobRequest, state: JobState, model: Any, tokenizer: Any, backend: str) -> Any:
+    import torch
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = job.config
+    train_ds = Dataset.from_list(tokenize_rows(tokenizer, job.train, cfg.max_seq_len))
+    val_ds = Dataset.from_list(tokenize_rows(tokenizer, job.val, cfg.max_seq_len))
+    cuda = torch.cuda.is_available() and not cfg.tiny_random_model
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    args = SFTConfig(
+        output_dir=str(state.workdir / "checkpoints"),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps,
+        warmup_steps=warmup_steps(cfg, len(train_ds)),
+        lr_scheduler_type="linear",
+        logging_steps=max(1, min(10, cfg.eval_steps)),
+        eval_strategy="steps",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.eval_steps,
+        save_total_limit=2,
+        save_only_model=True,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        seed=cfg.seed,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not cuda,
+        bf16=bf16,
+        fp16=cuda and not bf16,
+        optim="adamw_8bit" if backend == "unsloth" else "adamw_torch",
+        max_length=cfg.max_seq_len,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        gradient_checkpointing=cuda,
+    )
+    callbacks = [make_callback(state)]
+    if cfg.early_stopping_patience > 0:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=callbacks,
+    )
+    trainer.train()
+    return trainer.model  # best checkpoint (load_best_model_at_end)
+
+
+def generate(job: JobRequest, model: Any, tokenizer: Any, backend: str) -> list[Generation]:
+    import torch
+
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        FastLanguageModel.for_inference(model)
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[Generation] = []
+    for prompt in job.eval_prompts:
+        text = tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
+        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
+        with torch.no_grad():
+            ids = model.generate(
+                **enc,
+                max_new_tokens=job.config.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        new = ids[0, enc["input_ids"].shape[1] :]
+        out.append(Generation(id=prompt.id, output=tokenizer.decode(new, skip_special_tokens=True).strip()))
+    return out
+
+
+def save_outputs(
+    job: JobRequest, state: JobState, model: Any, tokenizer: Any, backend: str, hf_token: str | None
+) -> tuple[list[str], dict[str, Any]]:
+    """Adapter dir + tarball (served); merged/GGUF exports and hub pushes are best effort."""
+    cfg = job.config
+    extra: dict[str, Any] = {}
+    adapter_dir = state.workdir / "adapter"
+    model.save_pretrained(str(adapter_dir))
+    tokenizer.save_pretrained(str(adapter_dir))
+    state.artifacts_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state.artifacts_dir / (ADAPTER_ARTIFACT + ".part")
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(str(adapter_dir), arcname="adapter")
+    tmp.replace(state.artifacts_dir / ADAPTER_ARTIFACT)
+    artifacts = [ADAPTER_ARTIFACT]
+
+    merged_dir = state.workdir / "merged"
+    if cfg.save_merged and backend == "unsloth":
+        try:
+            model.save_pretrained_merged(str(merged_dir), tokenizer, save_method="merged_16bit")
+            extra["merged_dir"] = str(merged_dir)
+        except Exception as exc:  # noqa: BLE001
+            extra["merged_error"] = state.scrub(f"{type(exc).__name__}: {exc}")[:300]
+    if cfg.save_gguf and backend == "unsloth":
+        try:
+            model.save_pretrained_gguf(str(state.workdir / "gguf"), tokenizer, quantization_method="q4_k_m")
+            extra["gguf_dir"] = str(state.workdir / "gguf")
+        except Exception as exc:  # noqa: BLE001 - image without llama.cpp must not fail the run
+            extra["gguf_error"] = state.scrub(f"{type(exc).__name__}: {exc}")[:300]
+
+    if hf_token and cfg.hf_repo:
+        try:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=hf_token)
+            api.create_repo(cfg.hf_repo, private=True, exist_ok=True)
+            api.upload_folder(repo_id=cfg.hf_repo, folder_path=str(adapter_dir), path_in_repo="adapter")
+            if "merged_dir" in extra:
+                api.upload_folder(repo_id=cfg.hf_repo, folder_path=str(merged_dir))
+            extra["hf_pushed"] = True
+        except Exception as exc:  # noqa: BLE001 - push failures are reported, not fatal
+            extra["hf_error"] = state.scrub(f"{type(exc).__name__}: {exc}")[:300]
+    return artifacts, extra
+
+
+def run_job(job: JobRequest, state: JobState) -> Results:
+    validate_job(job)
+    hf_token = os.environ.get("HF_TOKEN") or None
+    backend = pick_backend(job.config)
+    state.update(backend=backend)
+    loader = load_unsloth if backend == "unsloth" else load_transformers
+    model, tokenizer = loader(job, hf_token)
+    model = train_model(job, state, model, tokenizer, backend)
+    stopped = state.stop.is_set()
+    state.update(state="generating", eta_s=None)
+    generations = generate(job, model, tokenizer, backend)
+    artifacts, extra = save_outputs(job, state, model, tokenizer, backend, hf_token)
+    p = state.snapshot()
+    return Results(
+        job_id=job.config.job_id,
+        state="stopped" if stopped else "succeeded",
+        best_step=p.best_step,
+        best_eval_loss=p.best_eval_loss,
+        generations=generations,
+        artifacts=artifacts,
+        hf_repo=job.config.hf_repo if extra.get("hf_pushed") else None,
+        extra={"backend": backend, "steps": p.step, **extra},
+    )
+
+
+# ---------------------------------------------------------------------------
+# HTTP server
+# ---------------------------------------------------------------------------
+
+_MAX_BODY = 512 * 1024 * 1024
+
+
+def make_handler(state: JobState, token: str) -> type[BaseHTTPRequestHandler]:
+    expected = f"Bearer {token}".encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "tuner-pod/1"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - no headers logged
+            log.info("%s %s", self.address_string(), format % args)
+
+        def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, status: int, obj: Any) -> None:
+            data = obj.model_dump_json() if hasattr(obj, "model_dump_json") else json.dumps(obj)
+            self._send(status, data.encode())
+
+        def _authorised(self) -> bool:
+            given = self.headers.get("Authorization", "").encode()
+            if hmac.compare_digest(given, expected):
+                return True
+            self._json(HTTPStatus.UNAUTHORIZED, {"error": "unauthorized"})
+            return False
+
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path == "/health":
+                return self._json(HTTPStatus.OK, {"ok": True})
+            if not self._authorised():
+                return None
+            if self.path == "/progress":
+                return self._json(HTTPStatus.OK, state.snapshot())
+            if self.path == "/results":
+                with state.lock:
+                    results = state.results
+                if results is None:
+                    return self._json(HTTPStatus.CONFLICT, {"error": f"no results in state {state.snapshot().state}"})
+                return self._json(HTTPStatus.OK, results)
+            if self.path.startswith("/artifacts/"):
+                return self._artifact(self.path.removeprefix("/artifacts/"))
+            return self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
+
+        def _artifact(self, name: str) -> None:
+            path = state.artifacts_dir / name
+            if "/" in name or name.startswith(".") or not path.is_file():
+                return self._json(HTTPStatus.NOT_FOUND, {"error": "no such artifact"})
+            self._send(HTTPStatus.OK, path.read_bytes(), "application/octet-stream")
+
+        def do_POST(self) -> None:  # noqa: N802
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > _MAX_BODY:
+                return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "body too large"})
+            body = self.rfile.read(length) if length else b""
+            if not self._authorised():
+                return None
+            if self.path == "/job":
+                try:
+                    job = JobRequest.model_validate_json(body)
+                except ValidationError as exc:
+                    return self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)[:1000]})
+                status, progress = state.start(job)
+                return self._json(status, progress)
+            if self.path == "/stop":
+                state.stop.set()
+                return self._json(HTTPStatus.ACCEPTED, state.snapshot())
+            return self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
+
+    return Handler
+
+
+def make_server(host: str, port: int, token: str, workdir: Path) -> tuple[ThreadingHTTPServer, JobState]:
+    state = JobState(workdir, secrets=[token, os.environ.get("HF_TOKEN", "")])
+    server = ThreadingHTTPServer((host, port), make_handler(state, token))
+    server.daemon_threads = True
+    return server, state
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="tuner pod training server")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("TUNER_POD_PORT", POD_PORT)))
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = os.environ.get(TOKEN_ENV, "")
+    if not token:
+        log.error("%s is not set; refusing to start", TOKEN_ENV)
+        return 2
+    default_dir = "/workspace/tuner" if Path("/workspace").is_dir() else tempfile.mkdtemp(prefix="tuner-")
+    workdir = Path(os.environ.get("TUNER_WORKDIR") or default_dir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    server, _ = make_server(ns.host, ns.port, token, workdir)
+    log.info("listening on %s:%d, workdir %s", ns.host, server.server_address[1], workdir)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
