@@ -1,0 +1,153 @@
+"""ClaudeClient against the loopback FakeAnthropic, through the real anthropic SDK."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import BaseModel
+
+from agent.spec import DEFINE_SYSTEM, DefineTurn
+from jobs.claude import ClaudeAPIError, ClaudeClient
+from jobs.llm import LLMOutputError
+from storage import spend
+from storage.db import Database
+from storage.models import Project, SpendEntry
+from storage.settings import Settings
+from tests.fakes.anthropic_fake import API_KEY, FakeAnthropic, Reply, schema_title, system_text
+
+
+class Verdict(BaseModel):
+    winner: str
+    reason: str
+
+
+@pytest.fixture()
+def db(tmp_path):
+    d = Database(f"sqlite:///{tmp_path / 't.db'}")
+    with d.session() as s:
+        s.add(Project(thread_id="T:C:1", team_id="T", channel_id="C", thread_ts="1", created_by="U"))
+        s.commit()
+    return d
+
+
+def _client(fake: FakeAnthropic, db: Database, key: str = API_KEY) -> ClaudeClient:
+    settings = Settings(
+        _env_file=None, anthropic_api_key=key, anthropic_base_url=fake.base_url
+    )
+    return ClaudeClient(settings, db, max_retries=0)
+
+
+def test_structured_parse_ok_and_wire_format(db):
+    def responder(req):
+        assert schema_title(req) == "Verdict"
+        return json.dumps({"winner": "A", "reason": "clearer"})
+
+    with FakeAnthropic.running(responder) as fake:
+        out = _client(fake, db).structured(
+            system="judge", messages=[{"role": "user", "content": "compare"}],
+            schema=Verdict, purpose="judge", project_id=1, max_tokens=300,
+        )
+        reqs = fake.message_requests
+    assert out == Verdict(winner="A", reason="clearer")
+    assert len(reqs) == 1
+    req = reqs[0]
+    assert req["output_config"]["format"]["type"] == "json_schema"
+    assert set(req["output_config"]["format"]["schema"]["required"]) == {"winner", "reason"}
+    assert "temperature" not in req and "top_p" not in req and "tool_choice" not in req
+    assert req["model"] == "claude-sonnet-4-5" and req["max_tokens"] == 300
+
+
+def test_nested_schema_routed_by_system_marker(db):
+    def responder(req):
+        if system_text(req).startswith("[tuner:define]"):
+            return json.dumps({"ready": False, "question": "What language?", "spec": None})
+        return "nope"
+
+    with FakeAnthropic.running(responder) as fake:
+        turn = _client(fake, db).structured(
+            system=DEFINE_SYSTEM, messages=[{"role": "user", "content": "summarise tickets"}],
+            schema=DefineTurn, purpose="define",
+        )
+    assert turn.ready is False and turn.question == "What language?"
+
+
+def test_malformed_twice_then_valid(db):
+    replies = iter(["{not json", json.dumps({"winner": "A"}), json.dumps({"winner": "B", "reason": "r"})])
+
+    with FakeAnthropic.running(lambda req: next(replies)) as fake:
+        out = _client(fake, db).structured(
+            system="s", messages=[{"role": "user", "content": "q"}], schema=Verdict,
+            purpose="judge", project_id=1,
+        )
+        reqs = fake.message_requests
+    assert out.winner == "B"
+    assert len(reqs) == 3
+    # each retry carries the bad reply and a corrective note
+    assert [m["role"] for m in reqs[2]["messages"]] == ["user", "assistant", "user", "assistant", "user"]
+    assert "not valid JSON" in reqs[1]["messages"][-1]["content"]
+    assert "schema error" in reqs[2]["messages"][-1]["content"]
+    # every attempt is in the ledger
+    with db.session() as s:
+        rows = s.query(SpendEntry).all()
+    assert len(rows) == 3 and all(r.detail == "judge" and r.project_id == 1 for r in rows)
+
+
+def test_refusal_and_max_tokens_are_retried(db):
+    replies = iter([Reply("", "refusal"), Reply('{"winner": "A", "rea', "max_tokens"),
+                    Reply(json.dumps({"winner": "A", "reason": "ok"}))])
+    with FakeAnthropic.running(lambda req: next(replies)) as fake:
+        out = _client(fake, db).structured(
+            system="s", messages=[{"role": "user", "content": "q"}], schema=Verdict, purpose="p"
+        )
+        assert len(fake.message_requests) == 3
+    assert out.reason == "ok"
+
+
+def test_always_malformed_raises_after_three(db):
+    with FakeAnthropic.running(lambda req: "[]") as fake:
+        with pytest.raises(LLMOutputError) as ei:
+            _client(fake, db).structured(
+                system="s", messages=[{"role": "user", "content": "q"}], schema=Verdict,
+                purpose="sample",
+            )
+        assert len(fake.message_requests) == 3
+    msg = str(ei.value)
+    assert "Verdict" in msg and "3 attempts" in msg and API_KEY not in msg
+
+
+def test_wrong_key_gives_clear_error(db):
+    with FakeAnthropic.running(lambda req: "{}") as fake:
+        client = _client(fake, db, key="sk-wrong")
+        with pytest.raises(ClaudeAPIError, match="401") as ei:
+            client.structured(system="s", messages=[{"role": "user", "content": "q"}],
+                              schema=Verdict, purpose="p")
+        assert "sk-wrong" not in str(ei.value)
+        with pytest.raises(ClaudeAPIError, match="ANTHROPIC_API_KEY"):
+            client.ping()
+        assert fake.message_requests == []
+
+
+def test_ping_ok(db):
+    with FakeAnthropic.running(lambda req: "{}") as fake:
+        assert "claude-sonnet-4-5" in _client(fake, db).ping()
+
+
+def test_missing_key_is_clear(db):
+    c = ClaudeClient(Settings(_env_file=None, anthropic_api_key=None), db)
+    with pytest.raises(ClaudeAPIError, match="ANTHROPIC_API_KEY is not set"):
+        c.ping()
+
+
+def test_usage_recorded_with_cost(db):
+    with FakeAnthropic.running(lambda req: json.dumps({"winner": "A", "reason": "x" * 400})) as fake:
+        _client(fake, db).structured(
+            system="s", messages=[{"role": "user", "content": "q"}], schema=Verdict,
+            purpose="generate", project_id=1, model="claude-haiku-4-5",
+        )
+    with db.session() as s:
+        (row,) = s.query(SpendEntry).all()
+    assert row.kind == "claude_tokens" and row.detail == "generate"
+    assert row.quantity > 100  # output ~ 100 tokens of the 400-char reason
+    assert row.usd == pytest.approx(spend.total(db, project_id=1))
+    assert row.usd > 0
