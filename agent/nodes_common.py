@@ -1,0 +1,142 @@
+"""Helpers shared by the graph nodes: error guard, import routing, retry card."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+from langgraph.errors import GraphBubbleUp
+from langgraph.runtime import Runtime
+from langgraph.types import Command, interrupt
+
+from agent.context import AgentContext
+from agent.state import AgentState
+from jobs.llm import LLMOutputError
+from storage.models import Project
+
+log = logging.getLogger(__name__)
+
+NodeFn = Callable[[AgentState, Runtime[AgentContext]], Command]
+
+STEP_LABELS = {
+    "define": "Understanding the task",
+    "persist_spec": "Saving the spec",
+    "sample": "Writing sample examples",
+    "generate": "Generating the dataset",
+    "import_data": "Importing the file",
+    "estimate": "Estimating the training cost",
+    "start_run": "Launching training",
+    "train": "Training",
+    "judge": "Judging the model",
+    "deploy": "Deploying",
+    "undeploy": "Undeploying",
+}
+
+_SECRETS = [
+    re.compile(r"(api_key=)[^&\s\"']+", re.I),
+    re.compile(r"xox[abposr]-[A-Za-z0-9-]+"),
+    re.compile(r"xapp-[A-Za-z0-9-]+"),
+    re.compile(r"sk-ant-[A-Za-z0-9_-]+"),
+    re.compile(r"(Bearer\s+)[A-Za-z0-9._-]+", re.I),
+]
+
+
+class NotConfiguredError(RuntimeError):
+    """A service the step needs was not wired (its API key is missing)."""
+
+
+def redact(text: str) -> str:
+    for pat in _SECRETS:
+        text = pat.sub(lambda m: (m.group(1) if m.groups() else "") + "***", text)
+    return text
+
+
+def human_error(exc: BaseException) -> str:
+    if isinstance(exc, (LLMOutputError, NotConfiguredError)):
+        msg = str(exc)
+    else:
+        msg = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    msg = redact(msg)
+    return msg if len(msg) <= 600 else msg[:600] + "…"
+
+
+def guarded(name: str, on_error: str | Callable[[AgentState], str]) -> Callable[[NodeFn], NodeFn]:
+    """Turn an unexpected exception into an error post and a jump to a waiting node."""
+
+    def deco(fn: NodeFn) -> NodeFn:
+        @functools.wraps(fn)
+        def wrapper(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
+            try:
+                return fn(state, runtime)
+            except GraphBubbleUp:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure must reach the user
+                log.exception("node %s failed for %s", name, state.get("thread_id"))
+                text = human_error(exc)
+                runtime.context.notifier.error(
+                    state["thread_id"], f"{STEP_LABELS.get(name, name)} failed: {text}"
+                )
+                target = on_error(state) if callable(on_error) else on_error
+                return Command(
+                    goto=target,
+                    update={"error": text, "failed_node": name, "pending_import": None},
+                )
+
+        return wrapper
+
+    return deco
+
+
+def route_import(value: Any, here: str) -> Command | None:
+    """At any waiting point, an uploaded file jumps to the import node."""
+    if isinstance(value, dict) and value.get("action") == "import":
+        return Command(
+            goto="import_data",
+            update={
+                "pending_import": {
+                    "filename": str(value.get("filename", "upload.jsonl")),
+                    "content": str(value.get("content", "")),
+                    "user": str(value.get("user", "")),
+                },
+                "return_to": here,
+            },
+        )
+    return None
+
+
+def action_of(value: Any) -> str:
+    return str(value.get("action", "")) if isinstance(value, dict) else ""
+
+
+def set_project(ctx: AgentContext, project_id: int, **fields: Any) -> None:
+    with ctx.db.session() as s:
+        project = s.get(Project, project_id)
+        if project is None:
+            return
+        for k, v in fields.items():
+            setattr(project, k, v)
+        s.add(project)
+        s.commit()
+
+
+def retry_wait(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
+    """Waiting point after a failed step: the user retries (button or a thread reply)."""
+    failed = state.get("failed_node") or "define"
+    value = interrupt(
+        {
+            "kind": "retry",
+            "text": state.get("error") or "Something went wrong.",
+            "node": failed,
+            "step": STEP_LABELS.get(failed, failed),
+        }
+    )
+    if (cmd := route_import(value, "retry_wait")) is not None:
+        return cmd
+    update: dict[str, Any] = {"error": None}
+    text = str(value.get("text", "")).strip() if isinstance(value, dict) else ""
+    if failed == "define" and text:
+        update["messages"] = [*state.get("messages", []), {"role": "user", "content": text}]
+    return Command(goto=failed, update=update)

@@ -1,0 +1,169 @@
+"""Samples, review, bulk generation and file import: everything up to a stored dataset."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from langgraph.runtime import Runtime
+from langgraph.types import Command, interrupt
+
+from agent.context import AgentContext
+from agent.nodes_common import action_of, guarded, route_import, set_project
+from agent.state import AgentState
+from storage.models import TaskSpecRow
+
+__all__ = ["sample", "review", "generate", "import_data"]
+
+SAMPLE_COUNT = 8
+DEFAULT_MAX_TOKENS = 1024
+
+
+def _spec(state: AgentState) -> Any:
+    from agent.spec import TaskSpec
+
+    return TaskSpec(**(state.get("spec") or {}))
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) else len(value)
+
+
+@guarded("sample", "confirm")
+def sample(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
+    from agent.data import generate_samples
+
+    ctx = runtime.context
+    project_id = state["project_id"]
+    if state.get("spec_row_id"):
+        with ctx.db.session() as s:
+            row = s.get(TaskSpecRow, state["spec_row_id"])
+            if row is not None and not row.approved:
+                row.approved = True
+                s.add(row)
+                s.commit()
+    set_project(ctx, project_id, status="sampling")
+    pairs = generate_samples(
+        ctx.llm, _spec(state), list(state.get("guidelines", [])), n=SAMPLE_COUNT,
+        project_id=project_id,
+    )
+    samples = [{"prompt": p.prompt, "response": p.response} for p in pairs]
+    return Command(
+        goto="review",
+        update={"samples": samples, "sample_round": state.get("sample_round", 0) + 1},
+    )
+
+
+def review(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
+    value = interrupt(
+        {
+            "kind": "samples",
+            "examples": state.get("samples", []),
+            "round": state.get("sample_round", 1),
+        }
+    )
+    if (cmd := route_import(value, "review")) is not None:
+        return cmd
+    action = action_of(value)
+    if action == "approve":
+        return Command(goto="generate")
+    if action == "regenerate":
+        text = str(value.get("text", "")).strip()
+        guidelines = [*state.get("guidelines", []), *([text] if text else [])]
+        return Command(goto="sample", update={"guidelines": guidelines})
+    return Command(goto="review")
+
+
+class _Throttle:
+    """Edits one progress message at most every `interval_s` (always the final count)."""
+
+    def __init__(self, ctx: AgentContext, thread_id: str, interval_s: float) -> None:
+        self.ctx, self.thread_id, self.interval_s = ctx, thread_id, interval_s
+        self.lock = threading.Lock()
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        with self.lock:
+            now = time.monotonic()
+            if done < total and now - self.last < self.interval_s:
+                return
+            self.last = now
+            self.ctx.notifier.progress(
+                self.thread_id, "generation", f"Generating… {min(done, total)}/{total}"
+            )
+
+
+def _finish_dataset(
+    state: AgentState, ctx: AgentContext, pairs: list[Any], source: str, label: str
+) -> dict[str, Any]:
+    """dedup -> validate -> split -> store -> upload train JSONL -> summary."""
+    from agent.data import dedup, split, store_dataset, to_jsonl, validate
+
+    project_id = state["project_id"]
+    spec = state.get("spec") or {}
+    max_tokens = int(spec.get("max_output_tokens") or DEFAULT_MAX_TOKENS)
+    deduped = dedup(pairs)
+    n_dupes = _count(deduped.exact_dupes) + _count(deduped.near_dupes)
+    valid, invalid = validate(list(deduped.kept), max_tokens)
+    if not valid:
+        raise ValueError(f"no usable examples left ({len(pairs)} in, {n_dupes} duplicates, "
+                         f"{len(invalid)} invalid)")
+    seed = project_id
+    splits = split(valid, seed)
+    dataset = store_dataset(ctx.db, project_id, splits, source, seed, n_dupes, len(invalid))
+    name = str(spec.get("name") or "dataset")
+    body = to_jsonl(splits["train"], str(spec.get("system_prompt") or ""))
+    ctx.notifier.upload(
+        state["thread_id"], f"{name}-train.jsonl", body, title=f"{name} training set",
+        comment=f"{len(splits['train'])} training examples",
+    )
+    ctx.notifier.say(
+        state["thread_id"],
+        f"{label}: {len(pairs)} examples in, {n_dupes} duplicates dropped "
+        f"(exact {_count(deduped.exact_dupes)}, near {_count(deduped.near_dupes)}), "
+        f"{len(invalid)} invalid dropped. Split: {len(splits['train'])} train / "
+        f"{len(splits['val'])} val / {len(splits['test'])} test.",
+    )
+    set_project(ctx, project_id, status="ready")
+    return {"dataset_id": dataset.id, "pending_import": None, "error": None}
+
+
+@guarded("generate", "review")
+def generate(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
+    from agent.data import generate_dataset
+
+    ctx = runtime.context
+    spec = _spec(state)
+    n = spec.example_count or ctx.settings.tuner_default_examples
+    set_project(ctx, state["project_id"], status="generating")
+    progress = _Throttle(ctx, state["thread_id"], ctx.progress_interval_s)
+    progress(0, n)
+    pairs = generate_dataset(
+        ctx.llm, spec, list(state.get("guidelines", [])), n,
+        concurrency=ctx.settings.tuner_generation_concurrency,
+        project_id=state["project_id"], on_progress=progress,
+    )
+    update = _finish_dataset(state, ctx, pairs, "synthetic", "Dataset ready")
+    return Command(goto="estimate", update=update)
+
+
+@guarded("import_data", lambda state: state.get("return_to") or "retry_wait")
+def import_data(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
+    from agent.data import parse_import
+
+    ctx = runtime.context
+    upload = state.get("pending_import") or {}
+    filename = upload.get("filename", "upload")
+    back = state.get("return_to") or "retry_wait"
+    try:
+        pairs = parse_import(filename, upload.get("content", "").encode("utf-8"))
+    except ValueError as exc:
+        ctx.notifier.error(state["thread_id"], f"Couldn't import {filename}: {exc}")
+        return Command(goto=back, update={"pending_import": None})
+    if not pairs:
+        ctx.notifier.error(state["thread_id"], f"Couldn't import {filename}: it has no examples.")
+        return Command(goto=back, update={"pending_import": None})
+    update = _finish_dataset(state, ctx, pairs, "import", f"Imported {filename}")
+    return Command(goto="estimate", update=update)
+

@@ -1,0 +1,139 @@
+"""Judge the trained model, offer deployment, deploy and undeploy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langgraph.graph import END
+from langgraph.runtime import Runtime
+from langgraph.types import Command, interrupt
+
+from agent.context import AgentContext, Deployer
+from agent.nodes_common import NotConfiguredError, action_of, guarded, route_import, set_project
+from agent.state import AgentState
+
+__all__ = ["judge", "offer_deploy", "deploy", "deployed", "undeploy", "judge_text"]
+
+
+def _clip(text: Any, n: int = 300) -> str:
+    s = str(text or "")
+    return s if len(s) <= n else s[:n] + "…"
+
+
+def judge_text(result: Any, threshold: float, eval_loss: float | None) -> str:
+    n = max(int(result.n), 1)
+    verdict = (
+        f"meets the promotion threshold ({threshold:.0%}) — ready to deploy"
+        if result.win_rate >= threshold
+        else f"below the promotion threshold ({threshold:.0%})"
+    )
+    lines = [
+        f"*Judge results* (Claude, pairwise both orders, n={result.n})",
+        f"win rate {result.win_rate:.0%} (95% CI {result.ci_low:.0%}–{result.ci_high:.0%}) · "
+        f"tie rate {result.ties / n:.0%} · {result.wins} wins / {result.ties} ties / "
+        f"{result.losses} losses",
+        f"best eval loss {eval_loss:.4f}" if eval_loss is not None else "eval loss –",
+        f"Verdict: {verdict}.",
+    ]
+    for i, d in enumerate(list(result.details or [])[:3], 1):
+        lines += [
+            f"\n*Example {i}* ({d.get('outcome', '?')})",
+            f"> prompt: {_clip(d.get('prompt'), 200)}",
+            f"> fine-tuned: {_clip(d.get('candidate'))}",
+            f"> reference: {_clip(d.get('reference'))}",
+        ]
+    return "\n".join(lines)
+
+
+@guarded("judge", "retry_wait")
+def judge(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
+    ctx = runtime.context
+    generations = state.get("generations") or {}
+    if ctx.judge is None:
+        ctx.notifier.say(state["thread_id"], "Judging is not configured; skipping the comparison.")
+        return Command(goto="offer_deploy", update={"generations": {}})
+    if not generations:
+        ctx.notifier.say(state["thread_id"], "The run produced no held-out outputs to judge.")
+        return Command(goto="offer_deploy")
+    set_project(ctx, state["project_id"], status="judging")
+    result = ctx.judge.judge_run(state["run_id"], generations)
+    ctx.notifier.say(
+        state["thread_id"],
+        judge_text(result, ctx.settings.tuner_promotion_threshold, state.get("best_eval_loss")),
+    )
+    return Command(goto="offer_deploy", update={"eval_id": result.id, "generations": {}})
+
+
+def offer_deploy(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
+    ctx = runtime.context
+    value = interrupt(
+        {"kind": "deploy", "run_id": state.get("run_id"), "eval_id": state.get("eval_id")}
+    )
+    if (cmd := route_import(value, "offer_deploy")) is not None:
+        return cmd
+    action = action_of(value)
+    if action == "skip":
+        ctx.notifier.say(state["thread_id"], "Not deployed. Mention me again to start over.")
+        return Command(goto=END)
+    if action != "deploy":
+        return Command(goto="offer_deploy")
+    user = str(value.get("user", ""))
+    if not ctx.settings.user_allowed(user):
+        ctx.notifier.error(state["thread_id"], f"<@{user}> is not allowed to deploy models.")
+        return Command(goto="offer_deploy")
+    return Command(goto="deploy")
+
+
+def _deployer(ctx: AgentContext) -> Deployer:
+    if ctx.deployer is None:
+        raise NotConfiguredError(
+            "deployment is not configured (set RUNPOD_API_KEY and HF_TOKEN and restart the bot)."
+        )
+    return ctx.deployer
+
+
+def _money(x: float | None) -> str:
+    return "–" if x is None else f"${x:.4f}"
+
+
+@guarded("deploy", "offer_deploy")
+def deploy(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
+    ctx = runtime.context
+    dep = _deployer(ctx).deploy(state["project_id"], state["run_id"])
+    lines = [
+        f"Deployed: RunPod serverless endpoint `{dep.endpoint_id}` (model `{dep.model_ref}`).",
+        f"Cost per 1k requests: {_money(dep.cost_per_1k_usd)} vs "
+        f"{_money(dep.big_model_cost_per_1k_usd)} on the big model.",
+    ]
+    try:
+        from jobs.deploy import curl_example
+
+        lines.append("```" + curl_example(dep) + "```")
+    except ImportError:
+        pass
+    ctx.notifier.say(state["thread_id"], "\n".join(lines))
+    set_project(ctx, state["project_id"], status="deployed")
+    return Command(goto="deployed", update={"deployment_id": dep.id})
+
+
+def deployed(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
+    ctx = runtime.context
+    value = interrupt({"kind": "deployed", "deployment_id": state.get("deployment_id")})
+    if (cmd := route_import(value, "deployed")) is not None:
+        return cmd
+    if action_of(value) != "undeploy":
+        return Command(goto="deployed")
+    user = str(value.get("user", ""))
+    if not ctx.settings.user_allowed(user):
+        ctx.notifier.error(state["thread_id"], f"<@{user}> is not allowed to undeploy models.")
+        return Command(goto="deployed")
+    return Command(goto="undeploy")
+
+
+@guarded("undeploy", "deployed")
+def undeploy(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
+    ctx = runtime.context
+    _deployer(ctx).undeploy(state["deployment_id"])
+    ctx.notifier.say(state["thread_id"], "Endpoint removed; nothing is billing any more.")
+    set_project(ctx, state["project_id"], status="ready")
+    return Command(goto=END)

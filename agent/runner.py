@@ -1,0 +1,229 @@
+"""AgentRunner: the blocking entry points the Slack bot's workers call.
+
+One graph thread per Slack thread ("team:channel:thread_ts"). Every call that
+advances a thread holds that thread's lock, so two clicks on the same button
+resume the graph once; the second sees a stale interrupt id and gets False.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from typing import Any
+
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.types import Command, Interrupt
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import select
+
+from agent.context import AgentContext
+from agent.graph import build_graph, make_checkpointer
+from agent.nodes_common import human_error
+from storage.models import Project
+
+log = logging.getLogger(__name__)
+
+TEXT_ACTIONS = {"question": "answer", "spec": "change", "samples": "regenerate", "retry": "retry"}
+_MENTION = re.compile(r"<@[A-Z0-9]+>\s*")
+
+
+def make_thread_id(team: str, channel: str, thread_ts: str) -> str:
+    return f"{team}:{channel}:{thread_ts}"
+
+
+class AgentRunner:
+    def __init__(
+        self,
+        ctx: AgentContext,
+        checkpointer: BaseCheckpointSaver | None = None,
+        *,
+        lock_timeout_s: float = 60.0,
+    ) -> None:
+        self.ctx = ctx
+        self._conn: Any = None
+        if checkpointer is None:
+            checkpointer, self._conn = make_checkpointer(ctx.db.url)
+        self.graph = build_graph(checkpointer)
+        self.lock_timeout_s = lock_timeout_s
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._background: list[threading.Thread] = []
+
+    # ---- public API -------------------------------------------------------------
+
+    def start(self, *, team: str, channel: str, thread_ts: str, user: str, text: str) -> None:
+        """A mention: start a project for this thread, or treat it as a reply if one exists."""
+        tid = make_thread_id(team, channel, thread_ts)
+        text = _MENTION.sub("", text).strip()
+        with self._locked(tid) as ok:
+            if not ok:
+                return
+            project_id = self._project_id(tid)
+            if project_id is not None and self._has_state(tid):
+                if not self._reply_locked(tid, user, text):
+                    self.ctx.notifier.say(
+                        tid, "I'm busy with this project; I'll post here when there's a next step."
+                    )
+                return
+            if project_id is None:
+                project_id = self._create_project(tid, team, channel, thread_ts, user)
+            first = {
+                "thread_id": tid,
+                "project_id": project_id,
+                "messages": [{"role": "user", "content": text or "(no description yet)"}],
+                "guidelines": [],
+                "sample_round": 0,
+            }
+            self._invoke(tid, first)
+
+    def reply(self, thread_id: str, user: str, text: str) -> bool:
+        """A plain thread message: answers a question / requests a change / gives feedback."""
+        with self._locked(thread_id) as ok:
+            return ok and self._reply_locked(thread_id, user, _MENTION.sub("", text).strip())
+
+    def resume(self, thread_id: str, interrupt_id: str, value: dict[str, Any]) -> bool:
+        """A button or modal answer. False when the interrupt is no longer pending."""
+        with self._locked(thread_id) as ok:
+            if not ok or interrupt_id not in {i.id for i in self._interrupts(thread_id)}:
+                return False
+            self._invoke(thread_id, Command(resume={interrupt_id: value}))
+            return True
+
+    def import_file(self, thread_id: str, user: str, filename: str, content: bytes) -> bool:
+        """A file shared in the thread: imported at whatever point the thread waits."""
+        with self._locked(thread_id) as ok:
+            pending = self._interrupts(thread_id) if ok else []
+            if not pending:
+                return False
+            value = {
+                "action": "import",
+                "filename": filename,
+                "content": content.decode("utf-8", errors="replace"),
+                "user": user,
+            }
+            self._invoke(thread_id, Command(resume={pending[0].id: value}))
+            return True
+
+    def pending(self, thread_id: str) -> list[tuple[str, dict[str, Any]]]:
+        return [(i.id, i.value) for i in self._interrupts(thread_id)]
+
+    def recover(self, *, wait: bool = False) -> list[str]:
+        """Resume every thread that died mid-node (it has next nodes but nothing pending).
+
+        Resumes run on background threads (a training watch may take hours) unless
+        `wait` is set; `join()` waits for them.
+        """
+        with self.ctx.db.session() as s:
+            thread_ids = list(s.exec(select(Project.thread_id)).all())
+        stuck = []
+        for tid in thread_ids:
+            state = self.graph.get_state(self._config(tid))
+            if state.next and not state.interrupts:
+                stuck.append(tid)
+        for tid in stuck:
+            if wait:
+                self._recover_one(tid)
+            else:
+                t = threading.Thread(target=self._recover_one, args=(tid,), daemon=True,
+                                     name=f"recover-{tid}")
+                t.start()
+                self._background.append(t)
+        return stuck
+
+    def join(self, timeout: float | None = None) -> None:
+        for t in list(self._background):
+            t.join(timeout)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # ---- internals --------------------------------------------------------------
+
+    def _recover_one(self, tid: str) -> None:
+        with self._locked(tid) as ok:
+            if ok:
+                log.info("recovering %s", tid)
+                self._invoke(tid, None)
+
+    def _reply_locked(self, tid: str, user: str, text: str) -> bool:
+        if not text:
+            return False
+        for intr in self._interrupts(tid):
+            kind = intr.value.get("kind") if isinstance(intr.value, dict) else None
+            if kind in TEXT_ACTIONS:
+                value = {"action": TEXT_ACTIONS[kind], "text": text, "user": user}
+                self._invoke(tid, Command(resume={intr.id: value}))
+                return True
+        return False
+
+    def _config(self, tid: str) -> dict[str, Any]:
+        return {"configurable": {"thread_id": tid}}
+
+    def _interrupts(self, tid: str) -> list[Interrupt]:
+        return list(self.graph.get_state(self._config(tid)).interrupts)
+
+    def _has_state(self, tid: str) -> bool:
+        return bool(self.graph.get_state(self._config(tid)).values)
+
+    def _invoke(self, tid: str, graph_input: Any) -> None:
+        before = {i.id for i in self._interrupts(tid)}
+        try:
+            self.graph.invoke(
+                graph_input, self._config(tid), context=self.ctx, durability="sync"
+            )
+        except Exception as exc:  # noqa: BLE001 - report, keep the thread resumable
+            log.exception("graph step failed for %s", tid)
+            self.ctx.notifier.error(tid, f"Something went wrong: {human_error(exc)}")
+        for intr in self._interrupts(tid):
+            if intr.id not in before:
+                self.ctx.notifier.ask(tid, intr.id, intr.value)
+
+    def _lock(self, tid: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(tid, threading.Lock())
+
+    def _locked(self, tid: str) -> _Held:
+        return _Held(self._lock(tid), self.lock_timeout_s)
+
+    def _project_id(self, tid: str) -> int | None:
+        with self.ctx.db.session() as s:
+            project = s.exec(select(Project).where(Project.thread_id == tid)).first()
+            return project.id if project else None
+
+    def _create_project(self, tid: str, team: str, channel: str, thread_ts: str, user: str) -> int:
+        with self.ctx.db.session() as s:
+            project = Project(
+                thread_id=tid, team_id=team, channel_id=channel, thread_ts=thread_ts,
+                created_by=user, budget_usd=self.ctx.settings.tuner_project_budget_usd,
+            )
+            s.add(project)
+            try:
+                s.commit()
+            except IntegrityError:  # another process created it first
+                s.rollback()
+                existing = self._project_id(tid)
+                assert existing is not None
+                return existing
+            s.refresh(project)
+            assert project.id is not None
+            return project.id
+
+
+class _Held:
+    """`with` helper: acquires a lock with a timeout and says whether it got it."""
+
+    def __init__(self, lock: threading.Lock, timeout: float) -> None:
+        self.lock, self.timeout, self.ok = lock, timeout, False
+
+    def __enter__(self) -> bool:
+        self.ok = self.lock.acquire(timeout=self.timeout)
+        if not self.ok:
+            log.warning("thread busy; gave up after %.0fs", self.timeout)
+        return self.ok
+
+    def __exit__(self, *exc: object) -> None:
+        if self.ok:
+            self.lock.release()

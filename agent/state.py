@@ -1,0 +1,28 @@
+"""Graph state: ids and small data only. Datasets, runs and results live in storage."""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+
+class AgentState(TypedDict, total=False):
+    thread_id: str  # team:channel:thread_ts
+    project_id: int
+    messages: list[dict[str, str]]  # define conversation: {"role", "content"}
+    spec: dict[str, Any] | None  # TaskSpec.model_dump()
+    spec_row_id: int | None
+    guidelines: list[str]  # sample feedback, applied to every later generation
+    samples: list[dict[str, str]]  # current sample round: {"prompt", "response"}
+    sample_round: int
+    dataset_id: int | None
+    launch_card: dict[str, Any] | None  # {"estimate": {...}, "dataset": {...}}
+    launch_user: str | None
+    run_id: int | None
+    best_eval_loss: float | None
+    generations: dict[str, str]  # held-out example id -> model output (until judged)
+    eval_id: int | None
+    deployment_id: int | None
+    pending_import: dict[str, str] | None  # {"filename", "content", "user"} until imported
+    return_to: str | None  # waiting node to go back to when an import fails
+    failed_node: str | None  # node to re-run from the retry card
+    error: str | None
