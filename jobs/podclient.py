@@ -1,0 +1,91 @@
+"""HTTP client for the pod control server (contract: jobs/podproto.py).
+
+The bearer token travels only in the Authorization header; it never appears in
+exception messages or logs (URLs carry no secrets).
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from jobs.podproto import JobRequest, Progress, Results
+
+# Proxy answers meaning "the pod's server is not (yet / any more) reachable".
+_UNREACHABLE_STATUS = {404, 502, 503, 504}
+
+
+class PodError(RuntimeError):
+    """The pod answered with an unexpected HTTP status."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class PodUnreachable(PodError):
+    """Connection failed or the proxy could not reach the pod's server."""
+
+
+class PodClient:
+    def __init__(self, base_url: str, token: str, *, timeout_s: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout_s,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> PodClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, *, json: object | None = None) -> httpx.Response:
+        try:
+            resp = self._http.request(method, path, json=json)
+        except httpx.HTTPError as exc:
+            # Only the exception type: httpx messages are safe, but keep them short.
+            raise PodUnreachable(f"{method} {path}: {type(exc).__name__}") from None
+        if resp.status_code in _UNREACHABLE_STATUS:
+            raise PodUnreachable(f"{method} {path}: HTTP {resp.status_code}", resp.status_code)
+        if resp.status_code >= 400:
+            detail = resp.text[:200].replace("\n", " ")
+            raise PodError(f"{method} {path}: HTTP {resp.status_code} {detail}", resp.status_code)
+        return resp
+
+    def health(self) -> bool:
+        try:
+            return bool(self._request("GET", "/health").json().get("ok"))
+        except (PodError, ValueError):
+            return False
+
+    def wait_ready(self, timeout: float, interval: float = 1.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.health():
+                return
+            if time.monotonic() >= deadline:
+                raise PodUnreachable(f"pod control server not ready after {timeout:.0f}s")
+            time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+
+    def submit(self, job: JobRequest) -> Progress:
+        resp = self._request("POST", "/job", json=job.model_dump(mode="json"))
+        return Progress.model_validate(resp.json())
+
+    def progress(self) -> Progress:
+        return Progress.model_validate(self._request("GET", "/progress").json())
+
+    def stop(self) -> Progress:
+        return Progress.model_validate(self._request("POST", "/stop").json())
+
+    def results(self) -> Results:
+        return Results.model_validate(self._request("GET", "/results").json())
+
+    def artifact(self, name: str) -> bytes:
+        return self._request("GET", f"/artifacts/{name}").content

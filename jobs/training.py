@@ -1,0 +1,491 @@
+"""Training orchestration: estimate, launch, run a RunPod pod to completion, stop.
+
+How the pod program gets onto the pod: the pod runs the stock PyTorch image with a
+docker start command (`POD_START_CMD`) that unpacks env TUNER_TRAIN_B64 (a base64
+tar.gz of jobs/__init__.py + jobs/podproto.py + jobs/train.py, ~15 KB, well inside
+GraphQL request limits), pip-installs the CPU/GPU-agnostic training deps, and runs
+`python -m jobs.train` (control server on 0.0.0.0:8000, exposed as `8000/http`).
+
+Crash safety: the Run row gets its pod token and started_at before the pod is created,
+and its pod_id right after, so a crashed bot leaves a record. The pod is named
+`tuner-run-<run_id>`; `run()` re-attaches to that pod after a restart; the reaper
+(jobs/reaper.py) terminates any `tuner-` pod with no live run. Pod seconds are recorded
+in the spend ledger exactly once per pod (guarded by a unique claim `pod_billed:<id>`).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import re
+import secrets
+import tarfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+
+from jobs.podclient import PodClient, PodError, PodUnreachable
+from jobs.podproto import (
+    ADAPTER_ARTIFACT,
+    TERMINAL_STATES,
+    TOKEN_ENV,
+    ChatRow,
+    EvalPrompt,
+    JobRequest,
+    Progress,
+    TrainConfig,
+)
+from jobs.runpod_api import RunPodAPI, pod_is_alive
+from jobs.types import BudgetExceededError, LaunchEstimate, RunOutcome, RunSnapshot
+from storage import spend
+from storage.db import Database
+from storage.models import Dataset, Example, MetricPoint, Project, Run, TaskSpecRow, utcnow
+from storage.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ACTIVE_STATUSES = ("pending", "starting", "running")
+TERMINAL_RUN_STATUSES = ("succeeded", "failed", "stopped", "reaped")
+
+# Warnings shown with progress.
+OVERFIT_CONSECUTIVE_RISES = 2  # eval loss rose this many evals in a row while train loss fell
+LOW_EVAL_LOSS = 0.3  # best eval loss below this: far under the usual 0.6-0.7 band
+MAX_UNREACHABLE_POLLS = 5  # consecutive failed polls before the pod counts as crashed
+MAX_EVAL_PROMPTS = 50
+
+# Time estimate heuristic (documented): pod boot + image pull + deps + model download +
+# held-out generation is a fixed overhead; training time = tokens * epochs / throughput,
+# with throughput of a 1B-3B QLoRA on a 24-48 GB card; tokens ~= characters / 4.
+EST_OVERHEAD_MIN = 8.0
+EST_TOKENS_PER_S = 2500.0
+EST_CHARS_PER_TOKEN = 4.0
+EST_PRICE_SAFETY = 1.2  # estimates round up: 20% headroom
+
+POD_PIP = "'transformers>=5' 'peft>=0.17' 'trl>=0.20' accelerate pydantic"
+POD_START_CMD = (
+    'bash -c "mkdir -p /opt/tuner && cd /opt/tuner && python3 -c '
+    "\\\"import base64,io,os,tarfile; tarfile.open(fileobj=io.BytesIO(base64.b64decode("
+    "os.environ['TUNER_TRAIN_B64']))).extractall()\\\" && pip install -q "
+    + POD_PIP
+    + ' && exec python3 -m jobs.train"'
+)
+BUNDLE_FILES = ("jobs/__init__.py", "jobs/podproto.py", "jobs/train.py")
+MAX_BUNDLE_B64 = 64_000
+
+
+def pod_bundle_b64(root: Path | None = None) -> str:
+    """base64 tar.gz of the pod program (deterministic: no mtimes)."""
+    root = root or Path(__file__).resolve().parents[1]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for rel in BUNDLE_FILES:
+            data = (root / rel).read_bytes()
+            info = tarfile.TarInfo(rel)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    out = base64.b64encode(buf.getvalue()).decode()
+    if len(out) > MAX_BUNDLE_B64:
+        raise RuntimeError(f"pod bundle too large for a GraphQL value ({len(out)} chars)")
+    return out
+
+
+def pod_name(run_id: int) -> str:
+    return f"tuner-run-{run_id}"
+
+
+def run_id_from_pod_name(name: str) -> int | None:
+    m = re.fullmatch(r"tuner-run-(\d+)", name or "")
+    return int(m.group(1)) if m else None
+
+
+def _aware(dt: datetime | None) -> datetime | None:
+    if dt is None:
+        return None
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+
+
+def pod_seconds(run: Run, end: datetime | None = None) -> float:
+    start = _aware(run.started_at)
+    if start is None:
+        return 0.0
+    return max(0.0, ((_aware(end) or utcnow()) - start).total_seconds())
+
+
+def bill_pod_once(db: Database, run: Run | None, pod_id: str, seconds: float, price: float) -> bool:
+    """Record a pod's seconds in the ledger; only the first call per pod records."""
+    if not db.claim(f"pod_billed:{pod_id}"):
+        return False
+    spend.record(
+        db, kind="pod_seconds", quantity=seconds, usd=seconds * price / 3600.0,
+        project_id=run.project_id if run else None, run_id=run.id if run else None,
+        detail=f"pod:{pod_id}",
+    )
+    return True
+
+
+def training_warnings(train: list[tuple[int, float]], evals: list[tuple[int, float]]) -> list[str]:
+    out: list[str] = []
+    n = OVERFIT_CONSECUTIVE_RISES
+    if len(evals) > n:
+        tail = [loss for _, loss in evals[-(n + 1):]]
+        rising = all(b > a for a, b in zip(tail, tail[1:]))
+        t0 = _train_loss_at(train, evals[-(n + 1)][0])
+        t1 = _train_loss_at(train, evals[-1][0])
+        if rising and t0 is not None and t1 is not None and t1 < t0:
+            out.append(
+                f"Possible overfitting: eval loss rose for {n} evals in a row while train loss fell."
+            )
+    if evals and min(loss for _, loss in evals) < LOW_EVAL_LOSS:
+        out.append(
+            f"Eval loss far below the 0.6-0.7 band (<{LOW_EVAL_LOSS}): the data may be too "
+            "easy or repetitive, or val overlaps train."
+        )
+    return out
+
+
+def _train_loss_at(train: list[tuple[int, float]], step: int) -> float | None:
+    before = [loss for s, loss in train if s <= step]
+    return before[-1] if before else None
+
+
+class TrainingService:
+    def __init__(self, db: Database, settings: Settings, api: RunPodAPI, artifacts_dir: Path) -> None:
+        self.db = db
+        self.settings = settings
+        self.api = api
+        self.artifacts_dir = Path(artifacts_dir)
+        self._detach = threading.Event()
+
+    # ------------------------------------------------------------ estimate/launch
+    def estimate(self, project_id: int, dataset_id: int) -> LaunchEstimate:
+        with self.db.session() as s:
+            project = s.get(Project, project_id)
+            rows = s.exec(
+                select(Example.prompt, Example.response).where(
+                    Example.dataset_id == dataset_id, Example.split == "train"
+                )
+            ).all()
+        budget = project.budget_usd if project else self.settings.tuner_project_budget_usd
+        chars = sum(len(p) + len(r) for p, r in rows)
+        epochs = float(self._config_dict(None).get("num_epochs", TrainConfig.model_fields["num_epochs"].default))
+        train_min = chars / EST_CHARS_PER_TOKEN * max(epochs, 1.0) / EST_TOKENS_PER_S / 60.0
+        minutes = (EST_OVERHEAD_MIN + train_min) * EST_PRICE_SAFETY
+        gpu, cloud, price, live = self._pick_price()
+        return LaunchEstimate(
+            gpu_type=gpu, cloud_type=cloud, price_per_hour=price, est_minutes=round(minutes, 1),
+            est_usd=round(minutes / 60.0 * price, 4),
+            spent_usd=spend.total(self.db, project_id=project_id), budget_usd=budget,
+            price_is_live=live,
+        )
+
+    def _pick_price(self) -> tuple[str, str, float, bool]:
+        cloud = (self.settings.cloud_types or ["SECURE"])[0]
+        fallback: tuple[str, str, float, bool] | None = None
+        for gpu in self.settings.gpu_types:
+            price, live = self.api.gpu_price(gpu, cloud)
+            if price is not None and live:
+                return gpu, cloud, price, True
+            if price is not None and fallback is None:
+                fallback = (gpu, cloud, price, False)
+        if fallback:
+            return fallback
+        return (self.settings.gpu_types or ["unknown"])[0], cloud, 0.0, False
+
+    def launch(
+        self, project_id: int, dataset_id: int, *, user_id: str, config: dict[str, Any] | None = None
+    ) -> int:
+        """Create a pending Run. Returns the active run's id instead if one exists."""
+        active = self.active_run(project_id)
+        if active is not None:
+            return int(active.id)  # type: ignore[arg-type]
+        est = self.estimate(project_id, dataset_id)
+        if est.over_budget:
+            raise BudgetExceededError(
+                f"launch needs ~${est.est_usd:.2f}; spent ${est.spent_usd:.2f} of the "
+                f"${est.budget_usd:.2f} budget"
+            )
+        with self.db.session() as s:
+            n = len(s.exec(select(Run.id).where(Run.project_id == project_id)).all())
+        # Two concurrent clicks: only one wins the claim for the next run slot.
+        if not self.db.claim(f"launch:{project_id}:{n}"):
+            time.sleep(0.05)
+            active = self.active_run(project_id)
+            if active is not None:
+                return int(active.id)  # type: ignore[arg-type]
+            raise RuntimeError("another launch for this project is in progress")
+        cfg = dict(config or {})
+        cfg["launched_by"] = user_id
+        run = Run(project_id=project_id, dataset_id=dataset_id, status="pending", config=cfg,
+                  price_per_hour=est.price_per_hour, gpu_type=est.gpu_type)
+        with self.db.session() as s:
+            s.add(run)
+            s.commit()
+            s.refresh(run)
+        return int(run.id)  # type: ignore[arg-type]
+
+    def active_run(self, project_id: int) -> Run | None:
+        with self.db.session() as s:
+            return s.exec(
+                select(Run).where(Run.project_id == project_id, col(Run.status).in_(ACTIVE_STATUSES))
+                .order_by(col(Run.id).desc())
+            ).first()
+
+    def resumable_runs(self) -> list[int]:
+        """Runs a restarted bot should call run() on again (re-attaches to their pods)."""
+        with self.db.session() as s:
+            return list(s.exec(select(Run.id).where(col(Run.status).in_(("starting", "running")))).all())
+
+    def request_stop(self, run_id: int) -> bool:
+        with self.db.session() as s:
+            run = s.get(Run, run_id)
+            if run is None or run.status not in ACTIVE_STATUSES:
+                return False
+            run.stop_requested = True
+            s.add(run)
+            s.commit()
+        return True
+
+    def detach(self) -> None:
+        """Graceful shutdown: make run() return without terminating the pod (re-attach later)."""
+        self._detach.set()
+
+    # ----------------------------------------------------------------------- run
+    def _load(self, run_id: int) -> Run:
+        with self.db.session() as s:
+            run = s.get(Run, run_id)
+        if run is None:
+            raise KeyError(f"run {run_id} not found")
+        return run
+
+    def _update(self, run_id: int, **fields: Any) -> Run:
+        with self.db.session() as s:
+            run = s.get(Run, run_id)
+            assert run is not None
+            for k, v in fields.items():
+                setattr(run, k, v)
+            s.add(run)
+            s.commit()
+            s.refresh(run)
+            return run
+
+    def _config_dict(self, run: Run | None) -> dict[str, Any]:
+        cfg: dict[str, Any] = dict(self.settings.train_overrides)
+        if run is not None:
+            cfg.update({k: v for k, v in (run.config or {}).items() if k in TrainConfig.model_fields})
+        return cfg
+
+    def build_job(self, run: Run) -> JobRequest:
+        cfg = self._config_dict(run)
+        cfg["job_id"] = f"run-{run.id}"
+        ns = self.settings.tuner_hf_namespace
+        if ns and self.settings.hf_token and not cfg.get("hf_repo"):
+            cfg["hf_repo"] = f"{ns}/tuner-p{run.project_id}-r{run.id}"
+        config = TrainConfig.model_validate(cfg)
+        with self.db.session() as s:
+            spec = s.exec(
+                select(TaskSpecRow).where(TaskSpecRow.project_id == run.project_id, TaskSpecRow.approved)
+                .order_by(col(TaskSpecRow.version).desc(), col(TaskSpecRow.id).desc())
+            ).first()
+            examples = s.exec(
+                select(Example).where(Example.dataset_id == run.dataset_id).order_by(col(Example.id))
+            ).all()
+        system = str((spec.spec or {}).get("system_prompt") or "") if spec else ""
+
+        def head(prompt: str) -> list[dict[str, str]]:
+            msgs = [{"role": "system", "content": system}] if system else []
+            return msgs + [{"role": "user", "content": prompt}]
+
+        def row(e: Example) -> ChatRow:
+            return ChatRow(messages=head(e.prompt) + [{"role": "assistant", "content": e.response}])
+
+        train = [row(e) for e in examples if e.split == "train"]
+        val = [row(e) for e in examples if e.split == "val"]
+        held = [e for e in examples if e.split == "test"] or [e for e in examples if e.split == "val"]
+        prompts = [EvalPrompt(id=str(e.id), messages=head(e.prompt)) for e in held[:MAX_EVAL_PROMPTS]]
+        return JobRequest(config=config, train=train, val=val, eval_prompts=prompts)
+
+    def run(self, run_id: int, on_progress: Callable[[RunSnapshot], None]) -> RunOutcome:
+        """Drive a run to a terminal state. Safe to call again after a crash/restart."""
+        run = self._load(run_id)
+        if run.status in TERMINAL_RUN_STATUSES:
+            return self._outcome(run)
+        if run.stop_requested and not run.pod_id:
+            return self._outcome(self._update(run_id, status="stopped", ended_at=utcnow()))
+        job = self.build_job(run)
+        pod_id: str | None = None
+        detached = False
+        try:
+            pod_id, run = self._attach_or_create(run)
+            url = self.api.pod_url(pod_id)
+            with PodClient(url, run.pod_token or "") as client:
+                client.wait_ready(self.settings.tuner_pod_ready_timeout_s,
+                                  interval=min(2.0, self.settings.tuner_poll_interval_s))
+                client.submit(job)
+                run = self._update(run_id, status="running")
+                outcome = self._poll(run, client, on_progress)
+                if outcome is None:
+                    detached = True
+                    return RunOutcome(run_id=run_id, status="detached")
+                return outcome
+        except Exception as exc:  # noqa: BLE001 - any failure ends the run, pod is freed below
+            log.warning("run %s failed: %s", run_id, type(exc).__name__)
+            msg = self._crash_text(pod_id, exc)
+            run = self._update(run_id, status="failed", error=msg, ended_at=utcnow())
+            return self._outcome(run)
+        finally:
+            if pod_id and not detached:
+                self._release(run_id, pod_id)
+
+    def _attach_or_create(self, run: Run) -> tuple[str, Run]:
+        assert run.id is not None
+        if run.pod_id and pod_is_alive(self.api.get_pod(run.pod_id)) and run.pod_token:
+            log.info("run %s: re-attaching to pod %s", run.id, run.pod_id)
+            return run.pod_id, run
+        if run.pod_id:  # its pod is gone: bill it, start over on a new pod
+            bill_pod_once(self.db, run, run.pod_id, pod_seconds(run), run.price_per_hour or 0.0)
+        if run.pod_token:  # crashed between create and saving pod_id? adopt by name
+            for pod in self.api.list_pods():
+                if pod.get("name") == pod_name(run.id) and pod_is_alive(pod) and pod["id"] != run.pod_id:
+                    run = self._update(run.id, pod_id=pod["id"], status="starting")
+                    return str(pod["id"]), run
+        token = secrets.token_urlsafe(32)
+        run = self._update(run.id, status="starting", pod_token=token, pod_id=None,
+                           started_at=utcnow(), error=None)
+        env = {TOKEN_ENV: token, "TUNER_TRAIN_B64": pod_bundle_b64(), "PYTHONUNBUFFERED": "1"}
+        if self.settings.hf_token:
+            env["HF_TOKEN"] = self.settings.hf_token.get_secret_value()
+        pod_id, choice = self.api.create_pod_with_fallback(
+            pod_name(run.id), self.settings.tuner_pod_image, env,
+            self.settings.gpu_types, self.settings.cloud_types, docker_args=POD_START_CMD,
+        )
+        run = self._update(run.id, pod_id=pod_id, gpu_type=choice.gpu_type,
+                           cloud_type=choice.cloud_type, price_per_hour=choice.price_per_hour)
+        return pod_id, run
+
+    def _poll(self, run: Run, client: PodClient,
+              on_progress: Callable[[RunSnapshot], None]) -> RunOutcome | None:
+        assert run.id is not None and run.pod_id is not None
+        stop_sent = False
+        failures = 0
+        last: Progress | None = None
+        while True:
+            if not stop_sent and self._load(run.id).stop_requested:
+                try:
+                    client.stop()
+                    stop_sent = True
+                except PodUnreachable:
+                    pass
+            try:
+                p = client.progress()
+                failures = 0
+            except PodUnreachable as exc:
+                failures += 1
+                if not pod_is_alive(self.api.get_pod(run.pod_id)):
+                    raise PodUnreachable(f"pod {run.pod_id} disappeared from RunPod mid-training") from None
+                if failures >= MAX_UNREACHABLE_POLLS:
+                    raise PodUnreachable(
+                        f"pod {run.pod_id} stopped answering {failures} polls in a row ({exc}); "
+                        "the training process probably crashed"
+                    ) from None
+                p = None
+            if p is not None:
+                last = p
+                self._store_metrics(run.id, p)
+                try:
+                    on_progress(self._snapshot(run, p))
+                except Exception:  # noqa: BLE001 - a UI failure must not kill training
+                    log.exception("on_progress callback failed for run %s", run.id)
+                if p.state in TERMINAL_STATES:
+                    return self._finish(run, client, p)
+            if self._detach.wait(self.settings.tuner_poll_interval_s):
+                log.info("run %s detached at step %s", run.id, last.step if last else 0)
+                return None
+
+    def _snapshot(self, run: Run, p: Progress) -> RunSnapshot:
+        return RunSnapshot(
+            run_id=int(run.id),  # type: ignore[arg-type]
+            state=p.state, step=p.step, max_steps=p.max_steps, epoch=p.epoch,
+            train_loss=list(p.train_loss), eval_loss=list(p.eval_loss),
+            best_step=p.best_step, best_eval_loss=p.best_eval_loss, eta_s=p.eta_s,
+            cost_usd=pod_seconds(run) * (run.price_per_hour or 0.0) / 3600.0,
+            warnings=training_warnings(list(p.train_loss), list(p.eval_loss)),
+        )
+
+    def _store_metrics(self, run_id: int, p: Progress) -> None:
+        with self.db.session() as s:
+            have = {(m.step, m.kind) for m in s.exec(select(MetricPoint).where(MetricPoint.run_id == run_id))}
+            new = [
+                MetricPoint(run_id=run_id, step=step, kind=kind, loss=float(loss), epoch=p.epoch)
+                for kind, points in (("train", p.train_loss), ("eval", p.eval_loss))
+                for step, loss in points
+                if (step, kind) not in have
+            ]
+            if not new:
+                return
+            s.add_all(new)
+            try:
+                s.commit()
+            except IntegrityError:  # another attached process stored them first
+                s.rollback()
+
+    def _finish(self, run: Run, client: PodClient, p: Progress) -> RunOutcome:
+        assert run.id is not None
+        if p.state == "failed":
+            run = self._update(run.id, status="failed", ended_at=utcnow(),
+                               error=f"training failed on the pod: {p.error or 'unknown error'}",
+                               best_eval_loss=p.best_eval_loss, best_step=p.best_step)
+            return self._outcome(run)
+        results = client.results()
+        out_dir = self.artifacts_dir / f"run_{run.id}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        artifact_uri = None
+        if ADAPTER_ARTIFACT in results.artifacts:
+            (out_dir / ADAPTER_ARTIFACT).write_bytes(client.artifact(ADAPTER_ARTIFACT))
+            artifact_uri = str(out_dir)
+        elif results.hf_repo:
+            artifact_uri = f"hf://{results.hf_repo}"
+        gens = {g.id: g.output for g in results.generations}
+        run = self._update(
+            run.id, status=results.state if results.state in ("succeeded", "stopped") else p.state,
+            best_eval_loss=results.best_eval_loss, best_step=results.best_step,
+            artifact_uri=artifact_uri, ended_at=utcnow(),
+            config={**(run.config or {}), "hf_repo": results.hf_repo},
+        )
+        outcome = self._outcome(run)
+        outcome.generations = gens
+        outcome.hf_repo = results.hf_repo
+        return outcome
+
+    def _crash_text(self, pod_id: str | None, exc: Exception) -> str:
+        if isinstance(exc, PodError):
+            return f"Training pod failed: {exc}"
+        return f"Training could not run: {type(exc).__name__}: {str(exc)[:300]}"
+
+    def _release(self, run_id: int, pod_id: str) -> None:
+        """Terminate the pod (retrying) and bill it once. Never raises."""
+        for attempt in range(3):
+            try:
+                self.api.terminate_pod(pod_id)
+                break
+            except Exception as exc:  # noqa: BLE001
+                log.warning("terminate %s failed (%s); attempt %d", pod_id, type(exc).__name__, attempt)
+                time.sleep(1.0)
+        end = utcnow()  # billing runs until the pod is terminated
+        run = self._update(run_id, ended_at=end)
+        bill_pod_once(self.db, run, pod_id, pod_seconds(run, end), run.price_per_hour or 0.0)
+
+    def _outcome(self, run: Run) -> RunOutcome:
+        return RunOutcome(
+            run_id=int(run.id),  # type: ignore[arg-type]
+            status=run.status, best_eval_loss=run.best_eval_loss, best_step=run.best_step,
+            artifact_uri=run.artifact_uri, hf_repo=(run.config or {}).get("hf_repo"),
+            cost_usd=pod_seconds(run, run.ended_at) * (run.price_per_hour or 0.0) / 3600.0,
+            error=run.error,
+        )

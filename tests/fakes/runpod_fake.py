@@ -1,0 +1,592 @@
+"""Loopback fake of RunPod's GraphQL API + pod HTTP proxy, reached through the real SDK.
+
+- POST /graphql: parses the query text runpod==1.12.0 generates (gpuTypes, pod,
+  myself{pods}, podFindAndDeployOnDemand, podTerminate, podStop) with a real GraphQL
+  value parser, so unescaped quotes/newlines in values fail like a syntax error would.
+  The API key must arrive as `Authorization: Bearer <key>` (SDK 1.12) or `?api_key=`.
+- Creating a pod runs the pod program for real: the base64 bundle in env
+  TUNER_TRAIN_B64 is unpacked into the pod's workdir and `python -m jobs.train` runs
+  from there (without a bundle, the repo's jobs.train runs) with env TUNER_POD_TOKEN /
+  TUNER_POD_PORT / TUNER_WORKDIR / HF_HUB_OFFLINE=1 plus the pod's env.
+- /proxy/{pod_id}-{port}/... is a reverse proxy to that process (502 while it is not
+  listening or after a crash, 404 for unknown/terminated pods), matching
+  TUNER_POD_URL_TEMPLATE="http://127.0.0.1:{fake_port}/proxy/{pod_id}-{port}".
+- Billing: seconds from create to terminate (or to vanishing) per pod.
+- Extension points: add_graphql_handler(fn(query, variables) -> response|None) for
+  queries this fake doesn't know (e.g. serverless templates/endpoints), and
+  add_route_handler(fn(method, path, headers, body) -> (status, headers, body)|None)
+  for extra HTTP routes (e.g. serverless REST).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+NO_CAPACITY_MSG = (
+    "There are no longer any instances available with the requested specifications. "
+    "Please refresh and try again."
+)
+
+GraphQLHandler = Callable[[str, dict[str, Any]], dict[str, Any] | None]
+RouteHandler = Callable[[str, str, dict[str, str], bytes], tuple[int, dict[str, str], bytes] | None]
+
+
+# --------------------------------------------------------------------------- parser
+class GraphQLSyntaxError(ValueError):
+    pass
+
+
+class _ValueParser:
+    """Parses GraphQL argument lists / input values (objects, lists, strings, enums...)."""
+
+    def __init__(self, text: str, pos: int) -> None:
+        self.s, self.i = text, pos
+
+    def _ws(self) -> None:
+        while self.i < len(self.s) and (self.s[self.i] in " \t\r\n," or self.s[self.i] == "#"):
+            if self.s[self.i] == "#":
+                while self.i < len(self.s) and self.s[self.i] != "\n":
+                    self.i += 1
+            else:
+                self.i += 1
+
+    def _expect(self, ch: str) -> None:
+        self._ws()
+        if self.i >= len(self.s) or self.s[self.i] != ch:
+            got = self.s[self.i : self.i + 20]
+            raise GraphQLSyntaxError(f"Syntax Error: Expected {ch!r}, found {got!r}")
+        self.i += 1
+
+    def _name(self) -> str:
+        self._ws()
+        m = re.compile(r"[_A-Za-z][_0-9A-Za-z]*").match(self.s, self.i)
+        if not m:
+            raise GraphQLSyntaxError(f"Syntax Error: Expected Name at {self.i}")
+        self.i = m.end()
+        return m.group(0)
+
+    def args(self) -> dict[str, Any]:
+        self._expect("(")
+        out: dict[str, Any] = {}
+        while True:
+            self._ws()
+            if self.s[self.i] == ")":
+                self.i += 1
+                return out
+            key = self._name()
+            self._expect(":")
+            out[key] = self.value()
+
+    def value(self) -> Any:
+        self._ws()
+        c = self.s[self.i]
+        if c == "{":
+            self.i += 1
+            obj: dict[str, Any] = {}
+            while True:
+                self._ws()
+                if self.s[self.i] == "}":
+                    self.i += 1
+                    return obj
+                key = self._name()
+                self._expect(":")
+                obj[key] = self.value()
+        if c == "[":
+            self.i += 1
+            items: list[Any] = []
+            while True:
+                self._ws()
+                if self.s[self.i] == "]":
+                    self.i += 1
+                    return items
+                items.append(self.value())
+        if c == '"':
+            return self._string()
+        m = re.compile(r"-?\d+(\.\d+)?([eE][+-]?\d+)?").match(self.s, self.i)
+        if m:
+            self.i = m.end()
+            return float(m.group(0)) if (m.group(1) or m.group(2)) else int(m.group(0))
+        name = self._name()
+        return {"true": True, "false": False, "null": None}.get(name, name)
+
+    def _string(self) -> str:
+        self.i += 1
+        out: list[str] = []
+        esc = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+        while True:
+            if self.i >= len(self.s):
+                raise GraphQLSyntaxError("Syntax Error: Unterminated string.")
+            c = self.s[self.i]
+            if c == '"':
+                self.i += 1
+                return "".join(out)
+            if c in "\n\r":
+                raise GraphQLSyntaxError("Syntax Error: Unterminated string.")
+            if c == "\\":
+                n = self.s[self.i + 1]
+                if n == "u":
+                    out.append(chr(int(self.s[self.i + 2 : self.i + 6], 16)))
+                    self.i += 6
+                    continue
+                if n not in esc:
+                    raise GraphQLSyntaxError(f"Syntax Error: Invalid character escape \\{n}.")
+                out.append(esc[n])
+                self.i += 2
+                continue
+            out.append(c)
+            self.i += 1
+
+
+def field_args(query: str, field_name: str) -> dict[str, Any] | None:
+    """Arguments of the first `field_name(...)` in the query; {} if it has none; None if absent."""
+    m = re.search(rf"\b{field_name}\s*(\(|\{{)", query)
+    if not m:
+        return None
+    if m.group(1) == "{":
+        return {}
+    return _ValueParser(query, m.start(1)).args()
+
+
+def check_balanced(query: str) -> None:
+    """Cheap whole-document syntax check: strings terminate, braces balance."""
+    depth, i = 0, 0
+    while i < len(query):
+        c = query[i]
+        if c == '"':
+            p = _ValueParser(query, i)
+            p._string()
+            i = p.i
+            continue
+        if c in "{(":
+            depth += 1
+        elif c in "})":
+            depth -= 1
+            if depth < 0:
+                raise GraphQLSyntaxError("Syntax Error: Unexpected '}'.")
+        i += 1
+    if depth:
+        raise GraphQLSyntaxError("Syntax Error: Expected '}', found <EOF>.")
+
+
+# ------------------------------------------------------------------------- the fake
+@dataclass
+class FakePod:
+    id: str
+    name: str
+    image: str
+    gpu_type: str
+    cloud_type: str
+    price: float
+    env: dict[str, str]
+    docker_args: str
+    ports: str
+    port: int
+    workdir: Path
+    created_at: float = field(default_factory=time.monotonic)
+    ended_at: float | None = None  # terminated or vanished
+    terminated: bool = False
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.ended_at is None
+
+    def billed_seconds(self) -> float:
+        return (self.ended_at or time.monotonic()) - self.created_at
+
+
+class FakeRunPod:
+    def __init__(
+        self,
+        *,
+        api_key: str = "rp-test-key",
+        prices: dict[str, tuple[float, float]] | None = None,
+        capacity: set[tuple[str, str]] | set[str] | None = None,
+        run_pods: bool = True,
+        workroot: Path | None = None,
+    ) -> None:
+        self.api_key = api_key
+        # gpu id -> (securePrice, communityPrice)
+        self.prices: dict[str, tuple[float, float]] = prices or {
+            "NVIDIA RTX A5000": (0.27, 0.16),
+            "NVIDIA GeForce RTX 4090": (0.69, 0.34),
+            "NVIDIA RTX A6000": (0.49, 0.33),
+            "NVIDIA A40": (0.40, 0.35),
+        }
+        # which (gpu, cloud) or gpu can be had; None = everything
+        self.capacity = capacity
+        self.run_pods = run_pods
+        self._own_root = workroot is None
+        self.workroot = workroot or Path(tempfile.mkdtemp(prefix="fake-runpod-"))
+        self.pods: dict[str, FakePod] = {}
+        self.create_attempts: list[tuple[str, str]] = []
+        self.queries: list[str] = []
+        self._gql_handlers: list[GraphQLHandler] = []
+        self._route_handlers: list[RouteHandler] = []
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "fake not started"
+        return self._server.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pod_url_template(self) -> str:
+        return self.base_url + "/proxy/{pod_id}-{port}"
+
+    def env(self) -> dict[str, str]:
+        """Env vars pointing the SDK + settings at this fake (apply with monkeypatch)."""
+        return {
+            "RUNPOD_API_BASE_URL": self.base_url,
+            "RUNPOD_API_KEY": self.api_key,
+            "TUNER_POD_URL_TEMPLATE": self.pod_url_template,
+        }
+
+    def start(self) -> FakeRunPod:
+        fake = self
+
+        class Handler(_Handler):
+            owner = fake
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        for pod in list(self.pods.values()):
+            self._kill(pod)
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._own_root:
+            shutil.rmtree(self.workroot, ignore_errors=True)
+
+    @classmethod
+    @contextmanager
+    def running(cls, **kwargs: Any) -> Iterator[FakeRunPod]:
+        fake = cls(**kwargs).start()
+        try:
+            yield fake
+        finally:
+            fake.close()
+
+    @contextmanager
+    def patched_env(self) -> Iterator[None]:
+        """Set env() in os.environ for the block (pytest: prefer monkeypatch.setenv)."""
+        old = {k: os.environ.get(k) for k in self.env()}
+        os.environ.update(self.env())
+        try:
+            yield
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    # --------------------------------------------------------------- test helpers
+    def add_graphql_handler(self, fn: GraphQLHandler) -> None:
+        self._gql_handlers.append(fn)
+
+    def add_route_handler(self, fn: RouteHandler) -> None:
+        self._route_handlers.append(fn)
+
+    def live_pods(self) -> list[str]:
+        with self._lock:
+            return [p.id for p in self.pods.values() if p.alive]
+
+    def billed_seconds(self, pod_id: str) -> float:
+        return self.pods[pod_id].billed_seconds()
+
+    def crash(self, pod_id: str, *, vanish: bool = False) -> None:
+        """Kill the pod's process. vanish=True: the pod also disappears (host lost)."""
+        pod = self.pods[pod_id]
+        if pod.proc and pod.proc.poll() is None:
+            pod.proc.kill()
+            pod.proc.wait(10)
+        if vanish:
+            with self._lock:
+                pod.ended_at = time.monotonic()
+
+    def pod_log(self, pod_id: str) -> str:
+        p = self.pods[pod_id].log_path
+        return p.read_text(errors="replace") if p and p.exists() else ""
+
+    # ------------------------------------------------------------------ graphql
+    def handle_graphql(self, query: str, variables: dict[str, Any]) -> dict[str, Any]:
+        self.queries.append(query)
+        try:
+            check_balanced(query)
+            for handler in (
+                self._create,
+                self._terminate,
+                self._stop,
+                self._pods,
+                self._pod,
+                self._gpu_types,
+            ):
+                res = handler(query)
+                if res is not None:
+                    return res
+        except GraphQLSyntaxError as exc:
+            return _err(str(exc))
+        for fn in self._gql_handlers:
+            res = fn(query, variables)
+            if res is not None:
+                return res
+        return _err("Cannot query field on type Query/Mutation (unknown to FakeRunPod)")
+
+    def _gpu_types(self, q: str) -> dict[str, Any] | None:
+        args = field_args(q, "gpuTypes")
+        if args is None:
+            return None
+        ids = list(self.prices)
+        if "input" in args:
+            ids = [i for i in ids if i == args["input"].get("id")]
+        out = []
+        for gid in ids:
+            sec, com = self.prices[gid]
+            out.append(
+                {
+                    "id": gid, "displayName": gid.replace("NVIDIA ", ""), "memoryInGb": 24,
+                    "maxGpuCount": 8, "manufacturer": "Nvidia", "cudaCores": 0,
+                    "secureCloud": True, "communityCloud": True,
+                    "securePrice": sec, "communityPrice": com,
+                    "oneMonthPrice": None, "threeMonthPrice": None, "oneWeekPrice": None,
+                    "communitySpotPrice": None, "secureSpotPrice": None,
+                    "lowestPrice": {"minimumBidPrice": None, "uninterruptablePrice": min(sec, com)},
+                }
+            )
+        return {"data": {"gpuTypes": out}}
+
+    def _has_capacity(self, gpu: str, cloud: str) -> bool:
+        if self.capacity is None:
+            return True
+        return gpu in self.capacity or (gpu, cloud) in self.capacity  # type: ignore[operator]
+
+    def _create(self, q: str) -> dict[str, Any] | None:
+        args = field_args(q, "podFindAndDeployOnDemand")
+        if args is None:
+            return None
+        inp = args["input"]
+        gpu, cloud = inp.get("gpuTypeId", ""), str(inp.get("cloudType", "ALL"))
+        self.create_attempts.append((gpu, cloud))
+        if gpu not in self.prices or not self._has_capacity(gpu, cloud):
+            return _err(NO_CAPACITY_MSG)
+        env = {e["key"]: e["value"] for e in inp.get("env") or []}
+        pod_id = secrets.token_hex(7)
+        sec, com = self.prices[gpu]
+        pod = FakePod(
+            id=pod_id, name=inp.get("name", ""), image=inp.get("imageName", ""),
+            gpu_type=gpu, cloud_type=cloud, price=com if cloud == "COMMUNITY" else sec,
+            env=env, docker_args=inp.get("dockerArgs", ""), ports=inp.get("ports", ""),
+            port=_free_port(), workdir=self.workroot / pod_id,
+        )
+        with self._lock:
+            self.pods[pod_id] = pod
+        if self.run_pods:
+            self._spawn(pod)
+        return {
+            "data": {
+                "podFindAndDeployOnDemand": {
+                    "id": pod_id, "imageName": pod.image,
+                    "env": [f"{k}={v}" for k, v in env.items()],
+                    "machineId": "m-" + pod_id, "machine": {"podHostId": pod_id + "-host"},
+                }
+            }
+        }
+
+    def _terminate(self, q: str) -> dict[str, Any] | None:
+        args = field_args(q, "podTerminate")
+        if args is None:
+            return None
+        pod = self.pods.get(args["input"]["podId"])
+        if pod is None or not pod.alive:
+            return _err("Pod not found")
+        self._kill(pod)
+        return {"data": {"podTerminate": None}}
+
+    def _stop(self, q: str) -> dict[str, Any] | None:
+        args = field_args(q, "podStop")
+        if args is None:
+            return None
+        return _err("podStop is not used by tuner (pods are terminated)")
+
+    def _pod_json(self, pod: FakePod) -> dict[str, Any]:
+        return {
+            "id": pod.id, "name": pod.name, "imageName": pod.image,
+            "desiredStatus": "RUNNING", "costPerHr": pod.price,
+            "dockerArgs": pod.docker_args, "dockerId": None,
+            "env": [f"{k}={v}" for k, v in pod.env.items()],
+            "gpuCount": 1, "containerDiskInGb": 40, "memoryInGb": 31, "vcpuCount": 8,
+            "volumeInGb": 0, "volumeMountPath": "/runpod-volume", "podType": "RESERVED",
+            "port": None, "ports": pod.ports, "machineId": "m-" + pod.id,
+            "lastStatusChange": "Rented by User", "uptimeSeconds": int(pod.billed_seconds()),
+            "runtime": {"ports": [{"ip": "100.64.0.1", "isIpPublic": False,
+                                   "privatePort": 8000, "publicPort": 8000, "type": "http"}]},
+            "machine": {"gpuDisplayName": pod.gpu_type.replace("NVIDIA ", "")},
+        }
+
+    def _pods(self, q: str) -> dict[str, Any] | None:
+        if field_args(q, "myself") is None or field_args(q, "pods") is None:
+            return None
+        with self._lock:
+            pods = [self._pod_json(p) for p in self.pods.values() if p.alive]
+        return {"data": {"myself": {"pods": pods}}}
+
+    def _pod(self, q: str) -> dict[str, Any] | None:
+        args = field_args(q, "pod")
+        if args is None:
+            return None
+        pod = self.pods.get(args["input"]["podId"])
+        return {"data": {"pod": self._pod_json(pod) if pod and pod.alive else None}}
+
+    # ----------------------------------------------------------------- processes
+    def _spawn(self, pod: FakePod) -> None:
+        pod.workdir.mkdir(parents=True, exist_ok=True)
+        cwd = REPO_ROOT
+        bundle = pod.env.get("TUNER_TRAIN_B64")
+        if bundle:
+            cwd = pod.workdir / "code"
+            cwd.mkdir()
+            with tarfile.open(fileobj=io.BytesIO(base64.b64decode(bundle))) as tar:
+                tar.extractall(cwd, filter="data")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "TUNER_"))}
+        env.pop("PYTHONPATH", None)
+        env.update(pod.env)
+        env.update(
+            TUNER_POD_PORT=str(pod.port), TUNER_WORKDIR=str(pod.workdir / "work"),
+            HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+        )
+        pod.log_path = pod.workdir / "pod.log"
+        with open(pod.log_path, "wb") as logf:
+            pod.proc = subprocess.Popen(
+                [sys.executable, "-m", "jobs.train"], cwd=cwd, env=env,
+                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+
+    def _kill(self, pod: FakePod) -> None:
+        with self._lock:
+            if pod.ended_at is None:
+                pod.ended_at = time.monotonic()
+            pod.terminated = True
+        proc = pod.proc
+        if proc and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
+
+    # -------------------------------------------------------------------- proxy
+    def proxy(self, method: str, path: str, headers: dict[str, str], body: bytes
+              ) -> tuple[int, dict[str, str], bytes]:
+        m = re.match(r"^/proxy/([0-9a-z]+)-(\d+)(/.*)?$", path)
+        if not m:
+            return 404, {}, b"not found"
+        pod = self.pods.get(m.group(1))
+        if pod is None or not pod.alive or m.group(2) != "8000":
+            return 404, {"Content-Type": "text/plain"}, b"404 pod not found"
+        if pod.proc is None or pod.proc.poll() is not None:
+            return 502, {"Content-Type": "text/plain"}, b"502 Bad Gateway"
+        conn = http.client.HTTPConnection("127.0.0.1", pod.port, timeout=60)
+        fwd = {k: v for k, v in headers.items() if k.lower() not in ("host", "connection")}
+        try:
+            conn.request(method, m.group(3) or "/", body=body or None, headers=fwd)
+            resp = conn.getresponse()
+            data = resp.read()
+            rh = {k: v for k, v in resp.getheaders()
+                  if k.lower() not in ("transfer-encoding", "connection", "content-length")}
+            return resp.status, rh, data
+        except OSError:
+            return 502, {"Content-Type": "text/plain"}, b"502 Bad Gateway"
+        finally:
+            conn.close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    owner: FakeRunPod
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:  # quiet
+        pass
+
+    def _send(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _handle(self) -> None:
+        n = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(n) if n else b""
+        url = urlsplit(self.path)
+        headers = dict(self.headers.items())
+        if url.path.startswith("/proxy/"):
+            self._send(*self.owner.proxy(self.command, self.path, headers, body))
+            return
+        if url.path == "/graphql" and self.command == "POST":
+            key = parse_qs(url.query).get("api_key", [""])[0]
+            auth = self.headers.get("Authorization", "")
+            if auth.startswith("Bearer "):
+                key = auth[7:]
+            if key != self.owner.api_key:
+                self._send(401, {"Content-Type": "application/json"}, b'{"error":"Unauthorized"}')
+                return
+            payload = json.loads(body or b"{}")
+            res = self.owner.handle_graphql(payload.get("query", ""), payload.get("variables") or {})
+            self._send(200, {"Content-Type": "application/json"}, json.dumps(res).encode())
+            return
+        for fn in self.owner._route_handlers:
+            res = fn(self.command, self.path, headers, body)
+            if res is not None:
+                self._send(*res)
+                return
+        self._send(404, {"Content-Type": "text/plain"}, b"not found")
+
+    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _handle
+
+
+def _err(message: str) -> dict[str, Any]:
+    return {"errors": [{"message": message, "path": []}], "data": None}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
