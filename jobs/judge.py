@@ -88,6 +88,7 @@ class _Judged:
     reasons: list[str]
     malformed: bool = False
     error: bool = False
+    inconsistent: bool = False
 
 
 def _combine(first: Outcome, second: Outcome) -> Outcome:
@@ -182,18 +183,30 @@ class JudgeService:
         )
 
     def _judge_item(self, item: _Item, project_id: int) -> _Judged:
-        try:
-            v1 = self._ask(item.prompt, item.candidate, item.reference, project_id)
-            v2 = self._ask(item.prompt, item.reference, item.candidate, project_id)
-        except LLMOutputError as exc:
-            log.warning("judge: malformed verdict for example %s: %s", item.example_id, exc)
-            return _Judged(item, "tie", [f"malformed judge output: {exc}"], malformed=True)
-        except Exception as exc:  # noqa: BLE001 - one bad call must not sink the judgement
-            log.warning("judge: call failed for example %s: %s", item.example_id, exc)
-            return _Judged(item, "tie", [f"judge call failed: {type(exc).__name__}"], error=True)
+        """Ask both orders (each independently); any unusable order makes the item a tie."""
+        verdicts: list[Verdict] = []
+        problems: list[str] = []
+        malformed = error = False
+        for a, b in ((item.candidate, item.reference), (item.reference, item.candidate)):
+            try:
+                verdicts.append(self._ask(item.prompt, a, b, project_id))
+            except LLMOutputError as exc:
+                log.warning("judge: malformed verdict for example %s: %s", item.example_id, exc)
+                malformed = True
+                problems.append(f"malformed judge output: {exc}")
+            except Exception as exc:  # noqa: BLE001 - one bad call must not sink the judgement
+                log.warning("judge: call failed for example %s: %s", item.example_id, exc)
+                error = True
+                problems.append(f"judge call failed: {type(exc).__name__}")
+        if malformed or error:
+            reasons = [v.reason for v in verdicts] + problems
+            return _Judged(item, "tie", reasons, malformed=malformed, error=error and not malformed)
+        v1, v2 = verdicts
         first: Outcome = {"A": "win", "B": "loss", "tie": "tie"}[v1.winner]  # type: ignore[assignment]
         second: Outcome = {"A": "loss", "B": "win", "tie": "tie"}[v2.winner]  # type: ignore[assignment]
-        return _Judged(item, _combine(first, second), [v1.reason, v2.reason])
+        return _Judged(
+            item, _combine(first, second), [v1.reason, v2.reason], inconsistent=first != second
+        )
 
     def _result(self, run_id: int, against: str, judged: list[_Judged]) -> EvalResult:
         n = len(judged)
@@ -205,9 +218,7 @@ class JudgeService:
             "type": "summary",
             "n_malformed": sum(j.malformed for j in judged),
             "n_errors": sum(j.error for j in judged),
-            "n_inconsistent": sum(
-                1 for j in judged if j.outcome == "tie" and not (j.malformed or j.error)
-            ),
+            "n_inconsistent": sum(j.inconsistent for j in judged),
             "tie_rate": ties / n if n else 0.0,
             "non_loss_rate": (wins + ties) / n if n else 0.0,
             "score": (wins + 0.5 * ties) / n if n else 0.0,
