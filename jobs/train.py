@@ -13,13 +13,21 @@ checkpoint, stop early on patience or on ``POST /stop``.
 
 from __future__ import annotations
 
+import sys
+
+if __package__ in (None, ""):  # `python jobs/train.py`: import `jobs` as a package, and keep
+    import os.path  # jobs/ off sys.path so jobs/types.py cannot shadow the stdlib `types`
+
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
 import hmac
 import json
 import logging
 import math
 import os
 import re
-import sys
 import tarfile
 import tempfile
 import threading
@@ -29,9 +37,6 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # `python jobs/train.py`: make `jobs` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pydantic import ValidationError  # noqa: E402
 
@@ -377,7 +382,8 @@ def warmup_steps(cfg: TrainConfig, n_train: int) -> int:
     return int(math.ceil(total * max(cfg.warmup_ratio, 0.0)))
 
 
-def train_model(job: JobRequest, state: JobState, model: Any, tokenizer: Any, backend: str) -> Any:
+def train_model(job: JobRequest, state: JobState, model: Any, tokenizer: Any, backend: str) -> tuple[Any, int | None]:
+    """Train; returns the best-eval-loss model (load_best_model_at_end) and the trainer's best step."""
     import torch
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback
@@ -434,7 +440,7 @@ def train_model(job: JobRequest, state: JobState, model: Any, tokenizer: Any, ba
         callbacks=callbacks,
     )
     trainer.train()
-    return trainer.model  # best checkpoint (load_best_model_at_end)
+    return trainer.model, getattr(trainer.state, "best_global_step", None)
 
 
 def generate(job: JobRequest, model: Any, tokenizer: Any, backend: str) -> list[Generation]:
@@ -515,7 +521,7 @@ def run_job(job: JobRequest, state: JobState) -> Results:
     state.update(backend=backend)
     loader = load_unsloth if backend == "unsloth" else load_transformers
     model, tokenizer = loader(job, hf_token)
-    model = train_model(job, state, model, tokenizer, backend)
+    model, trainer_best_step = train_model(job, state, model, tokenizer, backend)
     stopped = state.stop.is_set()
     state.update(state="generating", eta_s=None)
     generations = generate(job, model, tokenizer, backend)
@@ -529,7 +535,7 @@ def run_job(job: JobRequest, state: JobState) -> Results:
         generations=generations,
         artifacts=artifacts,
         hf_repo=job.config.hf_repo if extra.get("hf_pushed") else None,
-        extra={"backend": backend, "steps": p.step, **extra},
+        extra={"backend": backend, "steps": p.step, "loaded_best_step": trainer_best_step, **extra},
     )
 
 
