@@ -1,0 +1,331 @@
+"""Bolt listeners. Each one acks at once and hands real work to the per-thread worker."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from slack_bolt import Ack, App, BoltContext
+from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
+from sqlmodel import select
+
+from bot import blocks as B
+from bot.home import HELP_TEXT, home_view, status_text
+from bot.presenter import redact
+from bot.worker import ThreadWorker
+from storage.db import Database
+from storage.models import Project
+from storage.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_IMPORT_BYTES = 20 * 1024 * 1024
+_MENTION_RE = re.compile(r"<@[A-Z0-9]+>")
+
+
+class Runner(Protocol):
+    """What the bot needs from agent/runner.py AgentRunner (blocking calls)."""
+
+    def start(self, *, team: str, channel: str, thread_ts: str, user: str, text: str) -> None: ...
+    def reply(self, thread_id: str, user: str, text: str) -> bool: ...
+    def resume(self, thread_id: str, interrupt_id: str, value: dict[str, Any]) -> bool: ...
+    def import_file(self, thread_id: str, user: str, filename: str, content: bytes) -> bool: ...
+    def pending(self, thread_id: str) -> list[tuple[str, Any]]: ...
+
+
+class StopService(Protocol):
+    def request_stop(self, run_id: int) -> Any: ...
+
+
+@dataclass
+class Services:
+    db: Database
+    training: StopService | None = None
+    worker: ThreadWorker = field(default_factory=ThreadWorker)
+    # human-readable notes about services that are not configured (shown by /tuner status)
+    missing: list[str] = field(default_factory=list)
+
+
+# resume values per button
+_RESUME_ACTION = {
+    B.SPEC_APPROVE: "approve",
+    B.SAMPLES_APPROVE: "approve",
+    B.LAUNCH: "launch",
+    B.DEPLOY: "deploy",
+    B.DEPLOY_SKIP: "skip",
+    B.UNDEPLOY: "undeploy",
+}
+_DONE_LABEL = {
+    "approve": ":white_check_mark: Approved",
+    "launch": ":rocket: Launched",
+    "deploy": ":rocket: Deploying",
+    "skip": ":fast_forward: Skipped",
+    "undeploy": ":wastebasket: Undeploying",
+    "change": ":pencil2: Change requested",
+    "regenerate": ":repeat: Regenerating",
+}
+_NEEDS_AUTH = {B.LAUNCH, B.DEPLOY, B.UNDEPLOY, B.STOP_RUN}
+_MODAL = {B.SPEC_CHANGE: ("change", "Change the spec"),
+          B.SAMPLES_REGENERATE: ("regenerate", "Regenerate samples")}
+ALREADY_HANDLED = "That was already handled (or is out of date)."
+NOT_AUTHORISED = "Sorry, you are not authorised to do that. Ask an admin to add you to TUNER_ALLOWED_USERS."
+
+
+class Handlers:
+    def __init__(self, settings: Settings, runner: Runner, services: Services) -> None:
+        self.settings = settings
+        self.runner = runner
+        self.services = services
+        self.db = services.db
+        self.worker = services.worker
+        self._started: set[str] = set()  # threads whose start is queued (no Project row yet)
+        self._started_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ wiring
+    def register(self, app: App) -> None:
+        app.event("app_mention")(self.on_app_mention)
+        app.event("message")(self.on_message)
+        app.event("app_home_opened")(self.on_home_opened)
+        for action_id in (*_RESUME_ACTION, *_MODAL):
+            app.action(action_id)(self.on_interrupt_action)
+        app.action(B.STOP_RUN)(self.on_stop_run)
+        app.view(B.FEEDBACK_CALLBACK)(self.on_feedback_submit)
+        app.command("/tuner")(self.on_command)
+
+    # ------------------------------------------------------------------ events
+    def on_app_mention(self, body: dict, event: dict, context: BoltContext, client: WebClient) -> None:
+        self._on_any_message(body, event, context, client, mentioned=True)
+
+    def on_message(self, body: dict, event: dict, context: BoltContext, client: WebClient) -> None:
+        bot_uid = context.bot_user_id or ""
+        mentioned = bool(bot_uid) and f"<@{bot_uid}>" in (event.get("text") or "")
+        self._on_any_message(body, event, context, client, mentioned=mentioned)
+
+    def _on_any_message(
+        self, body: dict, event: dict, context: BoltContext, client: WebClient, *, mentioned: bool
+    ) -> None:
+        subtype = event.get("subtype")
+        if subtype not in (None, "file_share") or event.get("bot_id") or not event.get("user"):
+            return
+        if event.get("user") == context.bot_user_id:
+            return
+        channel, ts = event.get("channel", ""), event.get("ts", "")
+        thread_ts = event.get("thread_ts")
+        team = body.get("team_id") or event.get("team") or context.team_id or ""
+        user, text = event["user"], _MENTION_RE.sub("", event.get("text") or "").strip()
+        thread_id = f"{team}:{channel}:{thread_ts}" if thread_ts else None
+        in_project = thread_id is not None and self._has_project(thread_id)
+        if not in_project and not mentioned:
+            return  # chatter outside our threads
+        if not self._claim(body, channel, ts):
+            return  # retry or the second delivery (app_mention + message) of one mention
+        allowed = self.settings.allowed_channels
+        if allowed and channel not in allowed:
+            self._post(client, channel, thread_ts or ts,
+                       "I'm not enabled in this channel. Ask an admin to add it to "
+                       "TUNER_ALLOWED_CHANNELS.")
+            return
+        if in_project:
+            assert thread_id is not None
+            files = event.get("files") or []
+            if subtype == "file_share" and files:
+                for f in files:
+                    self.worker.submit(thread_id, self._import, client, thread_id, user, f)
+            if text:
+                self.worker.submit(thread_id, self.runner.reply, thread_id, user, text)
+            return
+        root = thread_ts or ts
+        new_id = f"{team}:{channel}:{root}"
+        with self._started_lock:
+            self._started.add(new_id)
+        self.worker.submit(new_id, self.runner.start, team=team, channel=channel,
+                           thread_ts=root, user=user, text=text)
+
+    def on_home_opened(self, event: dict, client: WebClient) -> None:
+        if event.get("tab", "home") != "home":
+            return
+        user = event["user"]
+        self.worker.run_now(self._publish_home, client, user)
+
+    # ------------------------------------------------------------------ actions
+    def on_interrupt_action(self, ack: Ack, body: dict, action: dict, client: WebClient) -> None:
+        ack()
+        user = body["user"]["id"]
+        action_id = action["action_id"]
+        try:
+            interrupt_id, thread_id = B.decode_value(action.get("value", ""))
+        except (ValueError, KeyError, TypeError):
+            return
+        channel = (body.get("channel") or {}).get("id") or thread_id.split(":")[1]
+        _, _, thread_ts = (thread_id.split(":", 2) + ["", ""])[:3]
+        if action_id in _NEEDS_AUTH and not self.settings.user_allowed(user):
+            self._ephemeral(client, channel, user, thread_ts, NOT_AUTHORISED)
+            return
+        if action_id in _MODAL:
+            kind, title = _MODAL[action_id]
+            if not self._is_pending(thread_id, interrupt_id):
+                self._ephemeral(client, channel, user, thread_ts, ALREADY_HANDLED)
+                return
+            try:
+                client.views_open(trigger_id=body["trigger_id"],
+                                  view=B.feedback_modal(interrupt_id, thread_id, kind, title))
+            except SlackApiError as e:
+                log.warning("views.open failed: %s", e.response.get("error"))
+            return
+        value: dict[str, Any] = {"action": _RESUME_ACTION[action_id], "user": user}
+        message = body.get("message") or {}
+        self.worker.submit(thread_id, self._resume, client, thread_id, interrupt_id, value,
+                           channel, user, message)
+
+    def on_stop_run(self, ack: Ack, body: dict, action: dict, client: WebClient) -> None:
+        ack()
+        user = body["user"]["id"]
+        channel = (body.get("channel") or {}).get("id", "")
+        msg = body.get("message") or {}
+        thread_ts = msg.get("thread_ts") or msg.get("ts")
+        if not self.settings.user_allowed(user):
+            self._ephemeral(client, channel, user, thread_ts, NOT_AUTHORISED)
+            return
+        training = self.services.training
+        if training is None:
+            self._ephemeral(client, channel, user, thread_ts,
+                            "Training is not configured (RUNPOD_API_KEY missing).")
+            return
+        try:
+            run_id = int(action.get("value", ""))
+        except ValueError:
+            return
+        # never queued behind the busy thread: the thread's worker is blocked on this run
+        self.worker.run_now(training.request_stop, run_id)
+        self._ephemeral(client, channel, user, thread_ts,
+                        f"Stopping run {run_id}; the best checkpoint so far is kept.")
+
+    def on_feedback_submit(self, ack: Ack, body: dict, view: dict, client: WebClient) -> None:
+        values = view.get("state", {}).get("values", {})
+        text = ((values.get(B.FEEDBACK_BLOCK) or {}).get(B.FEEDBACK_INPUT) or {}).get("value") or ""
+        if not text.strip():
+            ack(response_action="errors", errors={B.FEEDBACK_BLOCK: "Please write something."})
+            return
+        ack()
+        try:
+            meta = json.loads(view.get("private_metadata") or "{}")
+            interrupt_id, thread_id, kind = str(meta["i"]), str(meta["t"]), str(meta["a"])
+        except (ValueError, KeyError):
+            return
+        user = body["user"]["id"]
+        channel = thread_id.split(":")[1]
+        value = {"action": kind, "text": text.strip(), "user": user}
+        self.worker.submit(thread_id, self._resume, client, thread_id, interrupt_id, value,
+                           channel, user, None)
+
+    # ------------------------------------------------------------------ /tuner
+    def on_command(self, ack: Ack, command: dict) -> None:
+        words = (command.get("text") or "").strip().split()
+        sub = words[0].lower() if words else "help"
+        if sub == "status":
+            text = status_text(self.db)
+            if self.services.missing:
+                text += "\n*Not configured*: " + "; ".join(self.services.missing)
+            ack(response_type="ephemeral", text=text)
+        else:
+            ack(response_type="ephemeral", text=HELP_TEXT)
+
+    # ------------------------------------------------------------------ work (worker threads)
+    def _resume(
+        self, client: WebClient, thread_id: str, interrupt_id: str, value: dict[str, Any],
+        channel: str, user: str, message: dict | None,
+    ) -> None:
+        _, _, thread_ts = (thread_id.split(":", 2) + ["", ""])[:3]
+        if not self.runner.resume(thread_id, interrupt_id, value):
+            self._ephemeral(client, channel, user, thread_ts or None, ALREADY_HANDLED)
+            return
+        if message and message.get("ts"):
+            label = _DONE_LABEL.get(value["action"], "Done")
+            kept = [b for b in message.get("blocks") or [] if b.get("type") != "actions"]
+            kept.append({"type": "context",
+                         "elements": [{"type": "mrkdwn", "text": f"{label} by <@{user}>"}]})
+            try:
+                client.chat_update(channel=channel, ts=message["ts"],
+                                   text=message.get("text") or label, blocks=kept)
+            except SlackApiError as e:
+                log.warning("chat.update failed: %s", e.response.get("error"))
+
+    def _import(self, client: WebClient, thread_id: str, user: str, f: dict) -> None:
+        name = f.get("name") or "upload.jsonl"
+        channel = thread_id.split(":")[1]
+        _, _, thread_ts = thread_id.split(":", 2)
+        try:
+            content = self._download(f)
+        except Exception as e:  # noqa: BLE001
+            log.warning("download of %s failed: %s", name, redact(str(e)))
+            self._post(client, channel, thread_ts, f":warning: Could not download `{name}`.")
+            return
+        self.runner.import_file(thread_id, user, name, content)
+
+    def _download(self, f: dict) -> bytes:
+        url = f.get("url_private_download") or f.get("url_private") or ""
+        if int(f.get("size") or 0) > MAX_IMPORT_BYTES:
+            raise ValueError("file too large")
+        host = urlparse(url).hostname or ""
+        trusted = {"files.slack.com", urlparse(self.settings.tuner_slack_api_url).hostname}
+        if host not in trusted:
+            raise ValueError(f"untrusted file host {host}")
+        token = self.settings.slack_bot_token
+        headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
+        req = urllib.request.Request(url, headers=headers)
+        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 (host checked)
+            data = resp.read(MAX_IMPORT_BYTES + 1)
+        if len(data) > MAX_IMPORT_BYTES:
+            raise ValueError("file too large")
+        return data
+
+    def _publish_home(self, client: WebClient, user: str) -> None:
+        try:
+            client.views_publish(user_id=user, view=home_view(self.db))
+        except SlackApiError as e:
+            log.warning("views.publish failed: %s", e.response.get("error"))
+
+    # ------------------------------------------------------------------ helpers
+    def _claim(self, body: dict, channel: str, ts: str) -> bool:
+        event_id = body.get("event_id")
+        if event_id and not self.db.claim(f"evt:{event_id}"):
+            return False
+        return self.db.claim(f"msg:{channel}:{ts}")
+
+    def _has_project(self, thread_id: str) -> bool:
+        with self._started_lock:
+            if thread_id in self._started:
+                return True
+        with self.db.session() as s:
+            return s.exec(select(Project.id).where(Project.thread_id == thread_id)).first() is not None
+
+    def _is_pending(self, thread_id: str, interrupt_id: str) -> bool:
+        try:
+            return any(i == interrupt_id for i, _ in self.runner.pending(thread_id))
+        except Exception:  # noqa: BLE001  (let resume decide)
+            log.exception("pending() failed")
+            return True
+
+    @staticmethod
+    def _post(client: WebClient, channel: str, thread_ts: str | None, text: str) -> None:
+        try:
+            client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=text)
+        except SlackApiError as e:
+            log.warning("chat.postMessage failed: %s", e.response.get("error"))
+
+    @staticmethod
+    def _ephemeral(
+        client: WebClient, channel: str, user: str, thread_ts: str | None, text: str
+    ) -> None:
+        try:
+            client.chat_postEphemeral(channel=channel, user=user, text=text,
+                                      thread_ts=thread_ts or None)
+        except SlackApiError as e:
+            log.warning("chat.postEphemeral failed: %s", e.response.get("error"))

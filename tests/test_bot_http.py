@@ -1,0 +1,381 @@
+"""Bot in HTTP mode against FakeSlack: signatures, fast acks, dedup, buttons, modals, /tuner."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from bot import blocks as B
+from bot.app import EVENTS_PATH, create_app, make_http_server
+from bot.handlers import ALREADY_HANDLED, NOT_AUTHORISED, Services
+from bot.worker import ThreadWorker
+from storage import spend
+from storage.db import Database
+from storage.models import Deployment, Project, Run
+from storage.settings import Settings
+from tests.fakes.slack_fake import (
+    APP_TOKEN, BOT_TOKEN, SIGNING_SECRET, TEAM_ID, FakeSlack, block_action, mention_pair,
+    message_event, post_signed, slash_command, view_submission,
+)
+
+CH = "C0TUNING"
+
+
+@dataclass
+class ScriptedRunner:
+    """Stands in for agent/runner.py AgentRunner at the bot boundary: records calls, keeps
+    pending interrupts, and answers resume() the way the real one does (False when stale)."""
+
+    db: Database
+    calls: list[tuple[str, Any]] = field(default_factory=list)
+    interrupts: dict[str, list[str]] = field(default_factory=dict)
+    block: threading.Event | None = None
+
+    def start(self, *, team: str, channel: str, thread_ts: str, user: str, text: str) -> None:
+        tid = f"{team}:{channel}:{thread_ts}"
+        with self.db.session() as s:
+            s.add(Project(thread_id=tid, team_id=team, channel_id=channel, thread_ts=thread_ts,
+                          created_by=user, name=text[:20]))
+            s.commit()
+        self.calls.append(("start", (tid, user, text)))
+
+    def reply(self, thread_id: str, user: str, text: str) -> bool:
+        if self.block is not None:
+            self.block.wait(5)
+        self.calls.append(("reply", (thread_id, user, text)))
+        return True
+
+    def resume(self, thread_id: str, interrupt_id: str, value: dict[str, Any]) -> bool:
+        self.calls.append(("resume", (thread_id, interrupt_id, value)))
+        pending = self.interrupts.get(thread_id, [])
+        if interrupt_id not in pending:
+            return False
+        pending.remove(interrupt_id)
+        return True
+
+    def import_file(self, thread_id: str, user: str, filename: str, content: bytes) -> bool:
+        self.calls.append(("import", (thread_id, user, filename, content)))
+        return True
+
+    def pending(self, thread_id: str) -> list[tuple[str, Any]]:
+        return [(i, {}) for i in self.interrupts.get(thread_id, [])]
+
+    def of(self, kind: str) -> list[Any]:
+        return [v for k, v in self.calls if k == kind]
+
+
+@dataclass
+class StopRecorder:
+    stopped: list[int] = field(default_factory=list)
+    event: threading.Event = field(default_factory=threading.Event)
+
+    def request_stop(self, run_id: int) -> None:
+        self.stopped.append(run_id)
+        self.event.set()
+
+
+@dataclass
+class Bot:
+    fake: FakeSlack
+    db: Database
+    runner: ScriptedRunner
+    worker: ThreadWorker
+    training: StopRecorder
+    url: str
+
+    def post(self, payload: dict, **kw: Any) -> Any:
+        return post_signed(self.url, payload, **kw)
+
+    def idle(self) -> None:
+        """Let bolt's listener threads hand off, then wait for the per-thread worker."""
+        time.sleep(0.15)
+        assert self.worker.wait_idle(5)
+        time.sleep(0.05)
+        assert self.worker.wait_idle(5)
+
+
+def make_settings(fake: FakeSlack, tmp_path: Any, **kw: Any) -> Settings:
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        slack_bot_token=BOT_TOKEN, slack_app_token=APP_TOKEN,
+        slack_signing_secret=SIGNING_SECRET, tuner_slack_api_url=fake.base_url,
+        database_url=f"sqlite:///{tmp_path}/tuner.db", **kw,
+    )
+
+
+@pytest.fixture
+def make_bot(tmp_path: Any):
+    started: list[Any] = []
+
+    def factory(**settings_kw: Any) -> Bot:
+        fake = FakeSlack().start()
+        settings = make_settings(fake, tmp_path, **settings_kw)
+        db = Database(settings.database_url)
+        runner = ScriptedRunner(db)
+        worker = ThreadWorker(max_workers=4)
+        training = StopRecorder()
+        app = create_app(settings, runner, Services(db=db, training=training, worker=worker))
+        server = make_http_server(app, 0, host="127.0.0.1")
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        started.append((fake, server, worker))
+        url = f"http://127.0.0.1:{server.server_address[1]}{EVENTS_PATH}"
+        return Bot(fake, db, runner, worker, training, url)
+
+    yield factory
+    for fake, server, worker in started:
+        server.shutdown()
+        server.server_close()
+        worker.shutdown(wait=False)
+        fake.stop()
+
+
+def test_creating_app_calls_auth_test(make_bot) -> None:
+    bot = make_bot()
+    assert [c.token for c in bot.fake.calls_to("auth.test")][:1] == [BOT_TOKEN]
+
+
+def test_bad_signature_is_rejected(make_bot) -> None:
+    bot = make_bot()
+    app_mention, _ = mention_pair("U1", CH, "100.000001", "make me a classifier")
+    r = bot.post(app_mention, bad_signature=True)
+    assert r.status == 401
+    stale = bot.post(app_mention, timestamp=int(time.time()) - 3600)
+    assert stale.status == 401
+    bot.idle()
+    assert bot.runner.of("start") == []
+
+
+def test_good_signature_acks_fast_and_starts_once(make_bot) -> None:
+    bot = make_bot()
+    app_mention, message = mention_pair("U1", CH, "100.000001", "make me a classifier")
+    r = bot.post(app_mention)
+    assert r.status == 200
+    assert r.elapsed_s < 1.0
+    # Slack's second delivery of the same mention and a retry of the first
+    assert bot.post(message).status == 200
+    assert bot.post(app_mention, retry_num=1).status == 200
+    bot.idle()
+    assert bot.runner.of("start") == [(f"{TEAM_ID}:{CH}:100.000001", "U1", "make me a classifier")]
+
+
+def test_message_delivered_before_app_mention_still_starts_once(make_bot) -> None:
+    bot = make_bot()
+    app_mention, message = mention_pair("U1", CH, "100.000002", "summarise tickets")
+    assert bot.post(message).status == 200
+    assert bot.post(app_mention).status == 200
+    bot.idle()
+    assert len(bot.runner.of("start")) == 1
+
+
+def test_concurrent_double_delivery_starts_once(make_bot) -> None:
+    bot = make_bot()
+    app_mention, message = mention_pair("U1", CH, "100.000003", "x")
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda p=p: results.append(bot.post(p).status))
+               for p in (app_mention, message, app_mention, message)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    bot.idle()
+    assert results == [200] * 4
+    assert len(bot.runner.of("start")) == 1
+
+
+def test_thread_replies_go_to_runner_and_other_chatter_is_ignored(make_bot) -> None:
+    bot = make_bot()
+    app_mention, _ = mention_pair("U1", CH, "200.000001", "start")
+    bot.post(app_mention)
+    tid = f"{TEAM_ID}:{CH}:200.000001"
+    bot.post(message_event("U1", CH, "200.000002", "it labels tickets", thread_ts="200.000001"))
+    bot.post(message_event("U1", CH, "300.000001", "lunch?"))  # top level, no mention
+    bot.post(message_event("U1", CH, "301.000002", "hi", thread_ts="301.000001"))  # other thread
+    bot.post(message_event("U1", CH, "200.000003", "edited", thread_ts="200.000001",
+                           subtype="message_changed"))
+    bot.post(message_event("U9", CH, "200.000004", "from a bot", thread_ts="200.000001",
+                           bot_id="B999"))
+    bot.idle()
+    assert bot.runner.of("reply") == [(tid, "U1", "it labels tickets")]
+    assert len(bot.runner.of("start")) == 1
+
+
+def test_channel_allow_list_explains_once(make_bot) -> None:
+    bot = make_bot(tuner_allowed_channels="C0ALLOWED")
+    app_mention, message = mention_pair("U1", CH, "400.000001", "hello")
+    bot.post(app_mention)
+    bot.post(message)
+    bot.idle()
+    msgs = bot.fake.wait_for(lambda: bot.fake.thread(CH, "400.000001"))
+    time.sleep(0.2)
+    msgs = bot.fake.thread(CH, "400.000001")
+    assert len(msgs) == 1 and "not enabled in this channel" in msgs[0]["text"]
+    assert bot.runner.of("start") == []
+
+
+def test_stale_click_gets_already_handled(make_bot) -> None:
+    bot = make_bot()
+    tid = f"{TEAM_ID}:{CH}:500.000001"
+    bot.runner.interrupts[tid] = ["int-2"]
+    value = B.encode_value("int-1", tid)  # an old card
+    r = bot.post(block_action(B.SPEC_APPROVE, value, user="U1", channel=CH), kind="interactive")
+    assert r.status == 200
+    eph = bot.fake.wait_for(lambda: bot.fake.ephemerals)
+    assert eph[0]["text"] == ALREADY_HANDLED and eph[0]["user"] == "U1"
+    assert eph[0]["thread_ts"] == "500.000001"
+    assert bot.runner.interrupts[tid] == ["int-2"]
+
+
+def test_double_click_resumes_once(make_bot) -> None:
+    bot = make_bot()
+    tid = f"{TEAM_ID}:{CH}:510.000001"
+    bot.runner.interrupts[tid] = ["int-1"]
+    card = bot.fake._m_chat_postMessage(  # the card as the presenter posted it
+        {"channel": CH, "thread_ts": "510.000001", "text": "spec",
+         "blocks": B.spec_card("int-1", tid, {"name": "x"})[1]})["message"]
+    click = block_action(B.SPEC_APPROVE, B.encode_value("int-1", tid), user="U1", channel=CH,
+                         message=card)
+    assert bot.post(click, kind="interactive").status == 200
+    assert bot.post(click, kind="interactive").status == 200
+    bot.idle()
+    resumes = bot.runner.of("resume")
+    assert resumes[0] == (tid, "int-1", {"action": "approve", "user": "U1"})
+    assert len(resumes) == 2 and bot.runner.interrupts[tid] == []
+    assert [e["text"] for e in bot.fake.ephemerals] == [ALREADY_HANDLED]
+    # the card lost its buttons and says who approved it
+    updated = bot.fake.wait_for(lambda: card.get("edits") and card)
+    assert all(b["type"] != "actions" for b in updated["blocks"])
+    assert "Approved by <@U1>" in json.dumps(updated["blocks"])
+
+
+def test_unauthorised_launch_is_refused(make_bot) -> None:
+    bot = make_bot(tuner_allowed_users="UADMIN")
+    tid = f"{TEAM_ID}:{CH}:600.000001"
+    bot.runner.interrupts[tid] = ["int-9"]
+    value = B.encode_value("int-9", tid)
+    bot.post(block_action(B.LAUNCH, value, user="UINTRUDER", channel=CH), kind="interactive")
+    eph = bot.fake.wait_for(lambda: bot.fake.ephemerals)
+    assert eph[0]["text"] == NOT_AUTHORISED
+    bot.idle()
+    assert bot.runner.of("resume") == []
+    bot.post(block_action(B.LAUNCH, value, user="UADMIN", channel=CH), kind="interactive")
+    bot.idle()
+    assert bot.runner.of("resume") == [(tid, "int-9", {"action": "launch", "user": "UADMIN"})]
+
+
+def test_change_button_opens_modal_and_submission_resumes(make_bot) -> None:
+    bot = make_bot()
+    tid = f"{TEAM_ID}:{CH}:700.000001"
+    bot.runner.interrupts[tid] = ["int-3"]
+    bot.post(block_action(B.SAMPLES_REGENERATE, B.encode_value("int-3", tid), user="U1",
+                          channel=CH), kind="interactive")
+    opened = bot.fake.wait_for(lambda: [v for v in bot.fake.views if v["kind"] == "open"])
+    view = opened[0]["view"]
+    assert view["callback_id"] == B.FEEDBACK_CALLBACK
+    r = bot.post(view_submission(view, user="U1", text="shorter answers"), kind="interactive")
+    assert r.status == 200
+    bot.idle()
+    assert bot.runner.of("resume") == [
+        (tid, "int-3", {"action": "regenerate", "text": "shorter answers", "user": "U1"})]
+    # an empty submission is rejected in the modal itself
+    r = bot.post(view_submission(view, user="U1", text="  "), kind="interactive")
+    assert json.loads(r.body)["response_action"] == "errors"
+
+
+def test_change_button_on_stale_card_does_not_open_modal(make_bot) -> None:
+    bot = make_bot()
+    tid = f"{TEAM_ID}:{CH}:710.000001"
+    bot.post(block_action(B.SPEC_CHANGE, B.encode_value("gone", tid), user="U1", channel=CH),
+             kind="interactive")
+    eph = bot.fake.wait_for(lambda: bot.fake.ephemerals)
+    assert eph[0]["text"] == ALREADY_HANDLED
+    assert bot.fake.views == []
+
+
+def test_stop_button_does_not_wait_for_busy_thread(make_bot) -> None:
+    bot = make_bot()
+    app_mention, _ = mention_pair("U1", CH, "800.000001", "start")
+    bot.post(app_mention)
+    bot.idle()
+    bot.runner.block = threading.Event()  # the thread's worker is now stuck in reply()
+    bot.post(message_event("U1", CH, "800.000002", "busy", thread_ts="800.000001"))
+    msg = {"ts": "800.000009", "thread_ts": "800.000001", "text": "training", "blocks": []}
+    bot.post(block_action(B.STOP_RUN, "7", user="U1", channel=CH, message=msg),
+             kind="interactive")
+    assert bot.training.event.wait(3), "stop was queued behind the busy thread"
+    assert bot.training.stopped == [7]
+    bot.runner.block.set()
+    bot.idle()
+
+
+def test_file_share_downloads_with_bot_token_and_imports(make_bot) -> None:
+    bot = make_bot()
+    app_mention, _ = mention_pair("U1", CH, "900.000001", "start")
+    bot.post(app_mention)
+    bot.idle()
+    content = b'{"prompt": "a", "response": "b"}\n'
+    f = bot.fake.add_file("data.jsonl", content)
+    bot.post(message_event("U1", CH, "900.000002", "", thread_ts="900.000001",
+                           subtype="file_share", files=[f]))
+    bot.idle()
+    assert bot.runner.of("import") == [
+        (f"{TEAM_ID}:{CH}:900.000001", "U1", "data.jsonl", content)]
+    assert bot.fake.downloads == [(f["id"], f"Bearer {BOT_TOKEN}")]
+
+
+def test_file_from_untrusted_host_is_not_fetched(make_bot) -> None:
+    bot = make_bot()
+    bot.post(mention_pair("U1", CH, "910.000001", "start")[0])
+    bot.idle()
+    f = {"id": "F1", "name": "x.jsonl", "size": 3,
+         "url_private": "http://169.254.169.254/latest/meta-data"}
+    bot.post(message_event("U1", CH, "910.000002", "", thread_ts="910.000001",
+                           subtype="file_share", files=[f]))
+    bot.idle()
+    assert bot.runner.of("import") == []
+    msgs = bot.fake.wait_for(lambda: bot.fake.thread(CH, "910.000001"))
+    assert "Could not download" in msgs[-1]["text"]
+
+
+def test_tuner_status_lists_projects_runs_deployments_and_spend(make_bot) -> None:
+    bot = make_bot()
+    with bot.db.session() as s:
+        p = Project(thread_id=f"{TEAM_ID}:{CH}:1.0", team_id=TEAM_ID, channel_id=CH,
+                    thread_ts="1.0", created_by="U1", name="ticket-labeller", status="training")
+        s.add(p)
+        s.commit()
+        s.refresh(p)
+        s.add(Run(project_id=p.id, status="running", best_eval_loss=0.4321))
+        s.add(Deployment(project_id=p.id, endpoint_id="ep-123", status="healthy",
+                         cost_per_1k_usd=0.0123))
+        s.commit()
+    spend.record(bot.db, kind="claude_tokens", usd=1.25, project_id=p.id)
+    spend.record(bot.db, kind="pod_seconds", usd=0.5, project_id=p.id)
+    r = bot.post(slash_command("status", user="U1", channel=CH), kind="command")
+    assert r.status == 200
+    body = json.loads(r.body)
+    assert body["response_type"] == "ephemeral"
+    text = body["text"]
+    assert "ticket-labeller" in text and "training" in text
+    assert "0.4321" in text and "ep-123" in text and "healthy" in text
+    assert "$1.75" in text and "claude_tokens $1.25" in text and "pod_seconds $0.50" in text
+    help_body = json.loads(bot.post(slash_command("help", user="U1", channel=CH),
+                                    kind="command").body)
+    assert "/tuner status" in help_body["text"]
+
+
+def test_app_home_opened_publishes_summary(make_bot) -> None:
+    bot = make_bot()
+    spend.record(bot.db, kind="endpoint", usd=2.0)
+    ev = {"type": "app_home_opened", "user": "U1", "channel": "D1", "tab": "home",
+          "event_ts": "1.0"}
+    from tests.fakes.slack_fake import event_callback
+
+    assert bot.post(event_callback(ev)).status == 200
+    pub = bot.fake.wait_for(lambda: [v for v in bot.fake.views if v["kind"] == "publish"])
+    assert pub[0]["user_id"] == "U1" and pub[0]["view"]["type"] == "home"
+    assert "$2.00" in json.dumps(pub[0]["view"])
