@@ -46,7 +46,7 @@ def sample(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
     set_project(ctx, project_id, status="sampling")
     pairs = generate_samples(
         ctx.llm, _spec(state), list(state.get("guidelines", [])), n=SAMPLE_COUNT,
-        project_id=project_id,
+        project_id=project_id, seed=state.get("sample_round", 0),
     )
     samples = [{"prompt": p.prompt, "response": p.response} for p in pairs]
     return Command(

@@ -21,21 +21,18 @@ def _clip(text: Any, n: int = 300) -> str:
 
 
 def judge_text(result: Any, threshold: float, eval_loss: float | None) -> str:
-    n = max(int(result.n), 1)
-    verdict = (
-        f"meets the promotion threshold ({threshold:.0%}) — ready to deploy"
-        if result.win_rate >= threshold
-        else f"below the promotion threshold ({threshold:.0%})"
-    )
+    from jobs.judge import side_by_side, summary, verdict
+
+    promote, text = verdict(result, threshold)
     lines = [
-        f"*Judge results* (Claude, pairwise both orders, n={result.n})",
+        f"*Judge results* (Claude, pairwise in both orders, n={result.n})",
         f"win rate {result.win_rate:.0%} (95% CI {result.ci_low:.0%}–{result.ci_high:.0%}) · "
-        f"tie rate {result.ties / n:.0%} · {result.wins} wins / {result.ties} ties / "
-        f"{result.losses} losses",
-        f"best eval loss {eval_loss:.4f}" if eval_loss is not None else "eval loss –",
-        f"Verdict: {verdict}.",
+        f"tie rate {summary(result).get('tie_rate', 0.0):.0%} · best eval loss "
+        + (f"{eval_loss:.4f}" if eval_loss is not None else "–"),
+        ("Verdict: good enough to deploy. " if promote else "Verdict: not good enough yet. ")
+        + text,
     ]
-    for i, d in enumerate(list(result.details or [])[:3], 1):
+    for i, d in enumerate(side_by_side(result)[:3], 1):
         lines += [
             f"\n*Example {i}* ({d.get('outcome', '?')})",
             f"> prompt: {_clip(d.get('prompt'), 200)}",

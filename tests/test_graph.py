@@ -1,0 +1,367 @@
+"""The agent graph driven through AgentRunner, with the real ClaudeClient talking to the
+loopback FakeAnthropic (real anthropic SDK on the wire) and the real JudgeService."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlmodel import func, select
+
+from agent.context import AgentContext
+from agent.ports import RecordingNotifier
+from agent.runner import AgentRunner
+from jobs.claude import ClaudeClient
+from jobs.judge import JudgeService
+from jobs.types import BudgetExceededError, LaunchEstimate, RunOutcome, RunSnapshot
+from storage.db import Database
+from storage.models import Dataset, Example, Project, Run, TaskSpecRow
+from storage.settings import Settings
+from tests.fakes.anthropic_fake import API_KEY, FakeAnthropic, last_user_text, system_text
+
+TID = "T1:C1:100.1"
+_SYL = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ze", "po", "qu", "fa", "de", "bo", "xi"]
+
+
+class ScriptedClaude:
+    """Responder for FakeAnthropic: routes on the system prompt marker."""
+
+    def __init__(self, *, questions: int = 2, example_count: int = 1000) -> None:
+        self.questions = questions
+        self.example_count = example_count
+        self.define_malformed = False
+        self.generate_latency = 0.0
+        self.generate_calls = 0
+        self.lock = threading.Lock()
+        self.counter = 0
+        self.on_generate: Callable[[], None] | None = None
+
+    def __call__(self, req: dict[str, Any]) -> str:
+        system = system_text(req)
+        if system.startswith("[tuner:define]"):
+            return self._define(req)
+        if system.startswith("[tuner:samples]") or system.startswith("[tuner:generate]"):
+            if system.startswith("[tuner:generate]"):
+                with self.lock:
+                    self.generate_calls += 1
+                if self.on_generate:
+                    self.on_generate()
+            m = re.search(r"Write exactly (\d+) examples", last_user_text(req))
+            n = int(m.group(1)) if m else 8
+            return json.dumps({"examples": [self._example() for _ in range(n)]})
+        if system.startswith("[tuner:judge]"):
+            return json.dumps({"winner": "tie", "reason": "about the same"})
+        raise AssertionError(f"unexpected system prompt: {system[:40]!r}")
+
+    def _define(self, req: dict[str, Any]) -> str:
+        if self.define_malformed:
+            return "Sure! Here is the spec: {not json"
+        asked = sum(1 for m in req["messages"] if m["role"] == "assistant")
+        if asked < self.questions:
+            return json.dumps({"ready": False, "question": f"Question {asked + 1}?", "spec": None})
+        spec = {
+            "name": "ticket-triage",
+            "description": "Classify support tickets",
+            "inputs": "A support ticket",
+            "output_requirements": "One label",
+            "style": "terse",
+            "system_prompt": "You triage support tickets.",
+            "example_count": self.example_count,
+            "base_model": "unsloth/Llama-3.2-1B-Instruct",
+            "max_output_tokens": 256,
+            "budget_usd": None,
+        }
+        return json.dumps({"ready": True, "question": None, "spec": spec})
+
+    def _example(self) -> dict[str, str]:
+        with self.lock:
+            self.counter += 1
+            rng = random.Random(self.counter)
+
+        def words(k: int) -> str:
+            return " ".join("".join(rng.choice(_SYL) for _ in range(3)) for _ in range(k))
+
+        return {"prompt": f"Ticket {self.counter}: {words(14)}", "response": words(8)}
+
+
+@dataclass
+class ScriptedTrainer:
+    """Stands in for jobs.training.TrainingService (its own tests cover the pod side).
+
+    It reads the real Dataset/Example rows the graph stored and writes real Run rows.
+    """
+
+    db: Database
+    budget_refusals: int = 0
+    failures: int = 0
+    launched: list[tuple[int, int, str]] = field(default_factory=list)
+    ran: list[int] = field(default_factory=list)
+
+    def estimate(self, project_id: int, dataset_id: int) -> LaunchEstimate:
+        with self.db.session() as s:
+            n = s.get(Dataset, dataset_id).n_train
+        return LaunchEstimate("NVIDIA RTX A5000", "SECURE", 0.36, 10 + n / 100, 0.06 + n / 10000,
+                              0.0, 50.0, True)
+
+    def launch(self, project_id: int, dataset_id: int, *, user_id: str) -> int:
+        if self.budget_refusals:
+            self.budget_refusals -= 1
+            raise BudgetExceededError("estimated $60.00 would exceed the $50.00 budget")
+        with self.db.session() as s:
+            run = Run(project_id=project_id, dataset_id=dataset_id)
+            s.add(run)
+            s.commit()
+            s.refresh(run)
+        self.launched.append((project_id, dataset_id, user_id))
+        return run.id
+
+    def run(self, run_id: int, on_progress: Callable[[RunSnapshot], None]) -> RunOutcome:
+        self.ran.append(run_id)
+        if self.failures:
+            self.failures -= 1
+            return RunOutcome(run_id, "failed", error="pod vanished (RunPod reclaimed it)")
+        snap = RunSnapshot(run_id=run_id, state="running", max_steps=60)
+        for step in range(10, 70, 10):
+            snap.step, snap.epoch = step, step / 30
+            snap.train_loss.append((step, 2.0 - step / 50))
+            snap.eval_loss.append((step, 2.1 - step / 60))
+            snap.best_step, snap.best_eval_loss = step, snap.eval_loss[-1][1]
+            snap.eta_s, snap.cost_usd = (60 - step) * 2.0, step * 0.001
+            on_progress(snap)
+        with self.db.session() as s:
+            run = s.get(Run, run_id)
+            tests = s.exec(select(Example).where(
+                Example.dataset_id == run.dataset_id, Example.split == "test"
+            )).all()
+        gens = {str(e.id): e.response for e in tests}
+        return RunOutcome(run_id, "succeeded", best_eval_loss=snap.best_eval_loss, best_step=60,
+                          generations=gens, cost_usd=0.07)
+
+    def request_stop(self, run_id: int) -> bool:
+        return True
+
+
+@dataclass
+class Env:
+    runner: AgentRunner
+    notifier: RecordingNotifier
+    claude: ScriptedClaude
+    fake: FakeAnthropic
+    db: Database
+    settings: Settings
+    trainer: ScriptedTrainer
+
+    def asks(self) -> list[tuple[str, dict[str, Any]]]:
+        return self.notifier.texts("ask")
+
+    def only_pending(self, kind: str) -> str:
+        pending = self.runner.pending(TID)
+        assert [p["kind"] for _, p in pending] == [kind], pending
+        assert self.asks()[-1] == pending[0]
+        return pending[0][0]
+
+
+def make_settings(tmp_path: Path, fake: FakeAnthropic) -> Settings:
+    return Settings(
+        _env_file=None, anthropic_api_key=API_KEY, anthropic_base_url=fake.base_url,
+        database_url=f"sqlite:///{tmp_path / 'tuner.db'}", tuner_allowed_users="UADMIN",
+        tuner_generation_concurrency=8,
+    )
+
+
+def make_runner(settings: Settings, notifier: RecordingNotifier, trainer: Any = None,
+                judge: bool = True) -> AgentRunner:
+    db = Database(settings.database_url)
+    llm = ClaudeClient(settings, db, max_retries=0)
+    ctx = AgentContext(db=db, settings=settings, llm=llm, notifier=notifier, trainer=trainer,
+                       judge=JudgeService(db, llm, settings) if judge else None,
+                       progress_interval_s=0.05)
+    return AgentRunner(ctx)
+
+
+@pytest.fixture()
+def env(tmp_path: Path) -> Iterator[Env]:
+    claude = ScriptedClaude()
+    with FakeAnthropic.running(claude) as fake:
+        settings = make_settings(tmp_path, fake)
+        notifier = RecordingNotifier()
+        db = Database(settings.database_url)
+        trainer = ScriptedTrainer(db)
+        runner = make_runner(settings, notifier, trainer)
+        yield Env(runner, notifier, claude, fake, db, settings, trainer)
+        runner.close()
+
+
+def _requests(fake: FakeAnthropic, marker: str) -> list[dict[str, Any]]:
+    return [r for r in fake.message_requests if system_text(r).startswith(marker)]
+
+
+def test_define_samples_feedback_generate_to_launch_card(env: Env) -> None:
+    env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1",
+                     text="<@UBOT> triage our support tickets into labels")
+    env.only_pending("question")
+    assert env.asks()[-1][1]["text"] == "Question 1?"
+    assert env.runner.reply(TID, "U1", "Labels are billing, bug, other")
+    env.only_pending("question")
+    assert env.asks()[-1][1]["text"] == "Question 2?"
+    assert env.runner.reply(TID, "U1", "Short tickets, English only")
+    spec_iid = env.only_pending("spec")
+    assert env.asks()[-1][1]["spec"]["name"] == "ticket-triage"
+    define_reqs = _requests(env.fake, "[tuner:define]")
+    assert len(define_reqs) == 3
+    assert [m["content"] for m in define_reqs[-1]["messages"] if m["role"] == "user"] == [
+        "triage our support tickets into labels", "Labels are billing, bug, other",
+        "Short tickets, English only"]
+    with env.db.session() as s:
+        project = s.exec(select(Project)).one()
+        assert (project.thread_id, project.name) == (TID, "ticket-triage")
+        assert s.exec(select(TaskSpecRow)).one().spec["name"] == "ticket-triage"
+
+    # Stale id: nothing happens. Double click: two concurrent resumes, exactly one wins.
+    assert env.runner.resume(TID, "not-an-interrupt", {"action": "approve"}) is False
+    results: list[bool] = []
+    barrier = threading.Barrier(2)
+
+    def click() -> None:
+        barrier.wait()
+        results.append(env.runner.resume(TID, spec_iid, {"action": "approve", "user": "U1"}))
+
+    threads = [threading.Thread(target=click) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False, True]
+    samples_iid = env.only_pending("samples")
+    assert len(_requests(env.fake, "[tuner:samples]")) == 1
+    card = env.asks()[-1][1]
+    assert card["round"] == 1 and len(card["examples"]) == 8
+    with env.db.session() as s:
+        assert s.exec(select(TaskSpecRow)).one().approved
+
+    feedback = "Always include the customer's product name in the prompt"
+    assert env.runner.resume(TID, samples_iid, {"action": "regenerate", "text": feedback,
+                                                "user": "U1"})
+    assert env.runner.resume(TID, samples_iid, {"action": "approve"}) is False  # stale now
+    samples_reqs = _requests(env.fake, "[tuner:samples]")
+    assert len(samples_reqs) == 2
+    assert feedback not in json.dumps(samples_reqs[0])
+    assert feedback in json.dumps(samples_reqs[1])
+    round2 = env.only_pending("samples")
+    assert env.asks()[-1][1]["round"] == 2
+
+    assert env.runner.resume(TID, round2, {"action": "approve", "user": "U1"})
+    env.only_pending("launch")
+    assert feedback in json.dumps(_requests(env.fake, "[tuner:generate]")[0])
+
+    edits = [text for key, text, _ in env.notifier.texts("progress") if key == "generation"]
+    assert edits[0] == "Generating… 0/1000" and edits[-1] == "Generating… 1000/1000"
+    assert len(edits) >= 2
+    uploads = env.notifier.texts("upload")
+    assert [u[0] for u in uploads] == ["ticket-triage-train.jsonl"]
+    lines = uploads[0][1].decode().splitlines()
+    assert 780 <= len(lines) <= 820
+    roles = [m["role"] for m in json.loads(lines[0])["messages"]]
+    assert roles == ["system", "user", "assistant"]
+    with env.db.session() as s:
+        ds = s.exec(select(Dataset)).one()
+        assert (ds.source, ds.n_train + ds.n_val + ds.n_test) == ("synthetic", 1000)
+        assert ds.n_train == len(lines)
+        assert s.exec(select(Project)).one().status == "ready"
+    card = env.asks()[-1][1]
+    assert card["dataset"] == {"n_train": ds.n_train, "n_val": ds.n_val, "n_test": ds.n_test}
+    assert card["estimate"]["gpu_type"] == "NVIDIA RTX A5000"
+    assert any("Dataset ready: 1000 examples in" in t for t in env.notifier.texts("say"))
+
+
+JSONL = "\n".join(
+    json.dumps({"prompt": f"ticket {i}: " + " ".join(f"tok{i}x{j}" for j in range(12)),
+                "response": f"label {i % 3} because {i}"})
+    for i in range(40)
+)
+
+
+def test_import_then_launch_train_judge_and_skip(env: Env) -> None:
+    env.trainer.budget_refusals = 1
+    env.trainer.failures = 1
+    env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1", text="triage")
+    env.only_pending("question")
+    # A broken file: clear error, and the same question is still answerable.
+    assert env.runner.import_file(TID, "U1", "bad.jsonl", b'{"prompt": "x"}\nnot json\n')
+    errors = env.notifier.texts("error")
+    assert len(errors) == 1 and errors[0].startswith("Couldn't import bad.jsonl:")
+    env.only_pending("question")
+
+    assert env.runner.import_file(TID, "U1", "tickets.jsonl", JSONL.encode())
+    launch_iid = env.only_pending("launch")
+    with env.db.session() as s:
+        ds = s.exec(select(Dataset)).one()
+        assert (ds.source, ds.n_train + ds.n_val + ds.n_test) == ("import", 40)
+    assert env.notifier.texts("upload")[-1][0] == "dataset-train.jsonl"
+
+    # Not on the allow-list: refused, card asked again.
+    assert env.runner.resume(TID, launch_iid, {"action": "launch", "user": "UNOBODY"})
+    assert "<@UNOBODY> is not allowed to launch" in env.notifier.texts("error")[-1]
+    launch_iid = env.only_pending("launch")
+    # Budget refusal: error and re-ask.
+    assert env.runner.resume(TID, launch_iid, {"action": "launch", "user": "UADMIN"})
+    assert "budget" in env.notifier.texts("error")[-1]
+    launch_iid = env.only_pending("launch")
+    # The run fails: reason shown, launch card again.
+    assert env.runner.resume(TID, launch_iid, {"action": "launch", "user": "UADMIN"})
+    assert "pod vanished" in env.notifier.texts("error")[-1]
+    launch_iid = env.only_pending("launch")
+    # Second run succeeds -> progress edits with a stop button -> judge -> deploy offer.
+    assert env.runner.resume(TID, launch_iid, {"action": "launch", "user": "UADMIN"})
+    deploy_iid = env.only_pending("deploy")
+    assert len(env.trainer.launched) == 2 and env.trainer.ran == [1, 2]
+    run_edits = [(t, a) for k, t, a in env.notifier.texts("progress") if k == "run:2"]
+    assert len(run_edits) == 7
+    assert all(a and a[0].action_id == "stop_run" and a[0].value == "2" for _, a in run_edits[:-1])
+    assert "step 60/60" in run_edits[-2][0] and "ETA" in run_edits[-2][0]
+    assert run_edits[-1][1] == [] and "succeeded" in run_edits[-1][0]
+    charts = [u for u in env.notifier.texts("upload") if u[0] == "run-2-loss.png"]
+    assert charts and all(c[1].startswith(b"\x89PNG") for c in charts)
+    judge_reqs = _requests(env.fake, "[tuner:judge]")
+    with env.db.session() as s:
+        n_test = s.exec(select(func.count()).where(Example.split == "test")).one()
+    assert len(judge_reqs) == 2 * n_test  # both orders per held-out example
+    report = [t for t in env.notifier.texts("say") if t.startswith("*Judge results*")]
+    assert len(report) == 1 and "win rate 0%" in report[0] and "Example 1" in report[0]
+    assert env.asks()[-1][1]["run_id"] == 2
+
+    assert env.runner.resume(TID, deploy_iid, {"action": "skip", "user": "UADMIN"})
+    assert env.runner.pending(TID) == []
+    assert env.runner.reply(TID, "U1", "hello?") is False
+
+
+def test_malformed_llm_output_reports_and_stays_resumable(env: Env) -> None:
+    env.claude.define_malformed = True
+    env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1", text="triage")
+    errors = env.notifier.texts("error")
+    assert len(errors) == 1
+    assert errors[0].startswith("Understanding the task failed: Claude did not return a valid "
+                                "DefineTurn")
+    assert len(_requests(env.fake, "[tuner:define]")) == 3  # the client's retries
+    env.only_pending("retry")
+    env.claude.define_malformed = False
+    assert env.runner.reply(TID, "U1", "labels: billing, bug, other")
+    env.only_pending("question")
+    last = _requests(env.fake, "[tuner:define]")[-1]
+    assert last["messages"][-1] == {"role": "user", "content": "labels: billing, bug, other"}
+
+
+def test_mention_in_existing_thread_is_a_reply(env: Env) -> None:
+    env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1", text="triage")
+    env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1", text="<@UBOT> answer")
+    with env.db.session() as s:
+        assert len(s.exec(select(Project)).all()) == 1
+    env.only_pending("question")
+    assert env.asks()[-1][1]["text"] == "Question 2?"
