@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from sqlmodel import select
-
-from storage import spend
 from storage.db import Database
-from storage.models import Deployment, Project, Run
+from storage.status import StatusSummary, summary
 
 HELP_TEXT = (
     "*tuner* turns a big-LLM prompt into a small fine-tuned model.\n"
@@ -20,54 +15,36 @@ HELP_TEXT = (
 )
 
 
-@dataclass
-class Summary:
-    projects: list[Project]
-    runs: list[Run]
-    deployments: list[Deployment]
-    spend_by_kind: dict[str, float]
-    spend_total: float
+def _thread_link(thread_id: str) -> str:
+    _, channel, ts = (thread_id.split(":", 2) + ["", ""])[:3]
+    return f"<#{channel}> thread {ts}" if channel else thread_id
 
 
-def summary(db: Database, limit: int = 20) -> Summary:
-    with db.session() as s:
-        projects = list(s.exec(select(Project).order_by(Project.id.desc()).limit(limit)))  # type: ignore[union-attr]
-        runs = list(s.exec(select(Run).order_by(Run.id.desc()).limit(limit)))  # type: ignore[union-attr]
-        deps = list(
-            s.exec(
-                select(Deployment)
-                .where(Deployment.status != "removed")
-                .order_by(Deployment.id.desc())  # type: ignore[union-attr]
-                .limit(limit)
-            )
-        )
-    return Summary(projects, runs, deps, spend.by_kind(db), spend.total(db))
-
-
-def _permalink(p: Project) -> str:
-    return f"<#{p.channel_id}> thread {p.thread_ts}"
-
-
-def status_lines(sm: Summary) -> list[str]:
-    names = {p.id: (p.name or f"project {p.id}") for p in sm.projects}
+def status_lines(sm: StatusSummary) -> list[str]:
+    names = {p.project_id: p.name for p in sm.projects}
     lines = [f"*Projects* ({len(sm.projects)})"]
-    lines += [f"• #{p.id} {p.name or '(unnamed)'} – {p.status} – {_permalink(p)}"
-              for p in sm.projects] or ["• none yet"]
-    lines.append(f"*Runs* ({len(sm.runs)})")
-    lines += [
-        f"• run {r.id} ({names.get(r.project_id, f'project {r.project_id}')}) – {r.status}"
-        + (f" – best eval loss {r.best_eval_loss:.4f}" if r.best_eval_loss is not None else "")
-        for r in sm.runs
-    ] or ["• none"]
+    for p in sm.projects:
+        run = (f"run {p.latest_run_id} {p.latest_run_status}" if p.latest_run_id is not None
+               else "no runs")
+        loss = f", best eval loss {p.best_eval_loss:.4f}" if p.best_eval_loss is not None else ""
+        nightly = ", nightly on" if p.nightly_enabled else ""
+        lines.append(f"• #{p.project_id} {p.name} – {p.status} – {run}{loss} – "
+                     f"${p.spend_usd:.2f} of ${p.budget_usd:.2f}{nightly} – "
+                     f"{_thread_link(p.thread_id)}")
+    if not sm.projects:
+        lines.append("• none yet")
     lines.append(f"*Deployments* ({len(sm.deployments)})")
-    lines += [
-        f"• {d.endpoint_id or '(pending)'} ({names.get(d.project_id, f'project {d.project_id}')})"
-        f" – {d.status}"
-        + (f" – ${d.cost_per_1k_usd:.4f}/1k requests" if d.cost_per_1k_usd is not None else "")
-        for d in sm.deployments
-    ] or ["• none"]
+    for d in sm.deployments:
+        cost = f" – ${d.cost_per_1k_usd:.4f}/1k requests" if d.cost_per_1k_usd is not None else ""
+        big = (f" (big model ${d.big_model_cost_per_1k_usd:.4f}/1k)"
+               if d.big_model_cost_per_1k_usd is not None else "")
+        lines.append(f"• {d.endpoint_id or '(pending)'} – "
+                     f"{names.get(d.project_id, f'project {d.project_id}')} – run {d.run_id}"
+                     f"{cost}{big}")
+    if not sm.deployments:
+        lines.append("• none")
     kinds = ", ".join(f"{k} ${v:.2f}" for k, v in sorted(sm.spend_by_kind.items()))
-    lines.append(f"*Spend*: ${sm.spend_total:.2f}" + (f" ({kinds})" if kinds else ""))
+    lines.append(f"*Spend*: ${sm.spend_total_usd:.2f}" + (f" ({kinds})" if kinds else ""))
     return lines
 
 

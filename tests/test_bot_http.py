@@ -191,6 +191,7 @@ def test_thread_replies_go_to_runner_and_other_chatter_is_ignored(make_bot) -> N
     bot = make_bot()
     app_mention, _ = mention_pair("U1", CH, "200.000001", "start")
     bot.post(app_mention)
+    bot.idle()
     tid = f"{TEAM_ID}:{CH}:200.000001"
     bot.post(message_event("U1", CH, "200.000002", "it labels tickets", thread_ts="200.000001"))
     bot.post(message_event("U1", CH, "300.000001", "lunch?"))  # top level, no mention
@@ -350,6 +351,7 @@ def test_tuner_status_lists_projects_runs_deployments_and_spend(make_bot) -> Non
         s.commit()
         s.refresh(p)
         s.add(Run(project_id=p.id, status="running", best_eval_loss=0.4321))
+        s.add(Deployment(project_id=p.id, endpoint_id="ep-old", status="removed"))
         s.add(Deployment(project_id=p.id, endpoint_id="ep-123", status="healthy",
                          cost_per_1k_usd=0.0123))
         s.commit()
@@ -361,7 +363,8 @@ def test_tuner_status_lists_projects_runs_deployments_and_spend(make_bot) -> Non
     assert body["response_type"] == "ephemeral"
     text = body["text"]
     assert "ticket-labeller" in text and "training" in text
-    assert "0.4321" in text and "ep-123" in text and "healthy" in text
+    assert "run 1 running" in text and "0.4321" in text
+    assert "ep-123" in text and "$0.0123/1k" in text and "ep-old" not in text
     assert "$1.75" in text and "claude_tokens $1.25" in text and "pod_seconds $0.50" in text
     help_body = json.loads(bot.post(slash_command("help", user="U1", channel=CH),
                                     kind="command").body)
