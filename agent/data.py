@@ -1,0 +1,589 @@
+"""Data pipeline: synthetic generation, dedup, validation, split, import/export, storage.
+
+Pure functions over `ExamplePair`s plus a small writer to storage. No Slack here.
+
+Token estimate: `estimate_tokens(text) = ceil(len(text) / 4)` (the usual ~4 characters
+per token of English BPE vocabularies); good enough to drop outliers without loading a
+tokenizer.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import random
+import re
+import struct
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlmodel import select
+
+from agent.spec import (
+    GENERATE_SYSTEM,
+    SAMPLES_SYSTEM,
+    ExamplePair,
+    SampleBatch,
+    TaskSpec,
+    spec_brief,
+)
+from jobs.llm import LLM, LLMOutputError
+from storage.db import Database
+from storage.models import Dataset, Example
+
+# ----------------------------------------------------------------------------------------
+# topic seeds (diversity without temperature)
+
+DOMAINS = [
+    "personal finance", "healthcare", "travel", "software engineering", "education",
+    "retail", "legal", "real estate", "cooking", "sports", "music", "gaming", "logistics",
+    "customer support", "marketing", "human resources", "science", "history", "parenting",
+    "fitness", "automotive", "energy", "agriculture", "insurance", "banking", "telecom",
+    "government services", "nonprofit", "manufacturing", "hospitality", "fashion",
+    "cybersecurity", "journalism", "art and design", "environment", "pets", "home repair",
+    "mental wellbeing", "startups", "academia",
+]
+PERSONAS = [
+    "a busy professional", "a first-time user", "a domain expert", "a non-native speaker",
+    "a student", "a frustrated customer", "a manager", "a retiree", "a teenager",
+    "a small business owner", "a researcher", "a skeptic", "a very terse writer",
+    "a verbose writer", "someone in a hurry", "a careful planner", "an engineer",
+    "a teacher", "a journalist", "a parent",
+]
+DIFFICULTIES = ["easy and typical", "moderately tricky", "ambiguous input", "hard edge case"]
+LENGTHS = ["short", "medium-length", "long"]
+
+
+def topic_seeds(spec: TaskSpec, n: int, seed: int) -> list[str]:
+    """`n` distinct seeds (domain x persona x difficulty x length), seeded shuffle.
+
+    Beyond the 9600 combinations seeds repeat with a variant number, still distinct.
+    """
+    rng = random.Random(f"{seed}:{spec.name}")
+    total = len(DOMAINS) * len(PERSONAS) * len(DIFFICULTIES) * len(LENGTHS)
+    out: list[str] = []
+    round_ = 0
+    while len(out) < n:
+        order = rng.sample(range(total), min(total, n - len(out)))
+        for k in order:
+            k, d = divmod(k, len(DOMAINS))
+            k, p = divmod(k, len(PERSONAS))
+            lg, df = divmod(k, len(DIFFICULTIES))
+            s = (
+                f"domain: {DOMAINS[d]}; user: {PERSONAS[p]}; case: {DIFFICULTIES[df]}; "
+                f"length: {LENGTHS[lg]}"
+            )
+            out.append(s if round_ == 0 else f"{s}; variant {round_ + 1}")
+        round_ += 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# generation
+
+
+def _user_prompt(spec: TaskSpec, guidelines: list[str], count: int, seeds: list[str]) -> str:
+    lines = [spec_brief(spec), ""]
+    if guidelines:
+        lines += ["Guidelines from the user:", *[f"- {g}" for g in guidelines], ""]
+    lines.append("Topic seeds:")
+    lines += [f"- {s}" for s in seeds]
+    lines += ["", f"Write exactly {count} examples."]
+    return "\n".join(lines)
+
+
+def generate_samples(
+    llm: LLM,
+    spec: TaskSpec,
+    guidelines: list[str],
+    n: int = 8,
+    project_id: int | None = None,
+    seed: int = 0,
+) -> list[ExamplePair]:
+    """A handful of examples for the user to approve before bulk generation."""
+    seeds = topic_seeds(spec, n, seed)
+    batch = llm.structured(
+        system=SAMPLES_SYSTEM,
+        messages=[{"role": "user", "content": _user_prompt(spec, guidelines, n, seeds)}],
+        schema=SampleBatch,
+        purpose="samples",
+        project_id=project_id,
+        max_tokens=min(32000, max(4096, n * (spec.max_output_tokens + 256))),
+    )
+    valid, _ = validate(batch.examples, spec.max_output_tokens)
+    return valid[:n]
+
+
+def generate_dataset(
+    llm: LLM,
+    spec: TaskSpec,
+    guidelines: list[str],
+    n: int,
+    *,
+    concurrency: int = 8,
+    project_id: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    max_calls: int | None = None,
+) -> list[ExamplePair]:
+    """Up to `n` valid, unique examples from `batch_size`-example calls, `concurrency` at a time.
+
+    Each call gets its own topic seed. Results are validated and deduplicated (exact and
+    near) as they arrive; generation stops once `n` are kept. Calls are capped at
+    `max_calls` (default: enough for 2x n); if that is hit, fewer than n are returned.
+    A call that raises LLMOutputError is skipped; if more than half of the calls fail,
+    LLMOutputError is raised. Other errors (auth, connectivity) propagate at once.
+    """
+    if n <= 0:
+        return []
+    concurrency = max(1, concurrency)
+    planned = math.ceil(n * 1.1 / batch_size)
+    cap = max_calls if max_calls is not None else max(planned * 2, planned + concurrency)
+    seeds = topic_seeds(spec, cap, seed)
+    index = DedupIndex()
+    kept: list[ExamplePair] = []
+    calls = failed = processed = 0
+    last_error = ""
+
+    def one(seed_text: str, k: int) -> SampleBatch:
+        msg = _user_prompt(spec, guidelines, batch_size, [f"{seed_text} (batch {k + 1})"])
+        return llm.structured(
+            system=GENERATE_SYSTEM,
+            messages=[{"role": "user", "content": msg}],
+            schema=SampleBatch,
+            purpose="generate",
+            project_id=project_id,
+            max_tokens=min(32000, max(4096, batch_size * (spec.max_output_tokens + 256))),
+        )
+
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="gen")
+    pending: set[Future[SampleBatch]] = set()
+    try:
+        while len(kept) < n:
+            # Keep `concurrency` calls in flight while more examples could still be needed.
+            while (
+                len(pending) < concurrency
+                and calls < cap
+                and len(kept) + len(pending) * batch_size < n * 1.1 + batch_size
+            ):
+                pending.add(pool.submit(one, seeds[calls], calls))
+                calls += 1
+            if not pending:
+                break
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                processed += 1
+                try:
+                    batch = fut.result()
+                except LLMOutputError as e:
+                    failed += 1
+                    last_error = str(e)
+                    continue
+                valid, _ = validate(batch.examples, spec.max_output_tokens)
+                for pair in valid:
+                    if len(kept) < n and index.add(pair):
+                        kept.append(pair)
+            if on_progress is not None:
+                on_progress(len(kept), n)
+            if processed >= max(4, concurrency) and failed * 2 > processed:
+                break
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if len(kept) < n and failed * 2 > processed:
+        raise LLMOutputError(
+            f"Generation failed: {failed} of {processed} Claude calls returned unusable output "
+            f"({len(kept)} of {n} examples kept). Last problem: {last_error}"
+        )
+    return kept
+
+
+# ----------------------------------------------------------------------------------------
+# dedup
+
+_WS = re.compile(r"\s+")
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def normalize(text: str) -> str:
+    return _WS.sub(" ", text.strip().lower())
+
+
+def content_hash(pair: ExamplePair) -> str:
+    """Exact-duplicate key: sha256 of the normalized prompt and response."""
+    key = normalize(pair.prompt) + "\x1f" + normalize(pair.response)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def shingles(text: str, k: int = 3) -> set[str]:
+    """Word k-grams (the whole word list for texts shorter than k words)."""
+    words = _WORD.findall(text.lower())
+    if len(words) < k:
+        return {" ".join(words)} if words else set()
+    return {" ".join(words[i : i + k]) for i in range(len(words) - k + 1)}
+
+
+def jaccard(a: set[str], b: set[str]) -> float:
+    if not a and not b:
+        return 1.0
+    return len(a & b) / len(a | b)
+
+
+_PERMS = 64
+_BANDS = 16  # 16 bands x 4 rows: a pair with Jaccard 0.7 becomes a candidate with p~0.99
+_ROWS = _PERMS // _BANDS
+_U16 = struct.Struct(f"<{_PERMS}H")
+
+
+def minhash(sh: set[str]) -> list[int]:
+    """MinHash signature: 64 independent 16-bit hash functions per shingle, cut from two
+    SHA-512 digests; the signature is the column-wise minimum (all C-level loops).
+    16-bit values only add rare false candidates, which exact Jaccard then rejects."""
+    if not sh:
+        return [0] * _PERMS
+    rows = []
+    for s in sh:
+        b = s.encode()
+        rows.append(_U16.unpack(hashlib.sha512(b).digest() + hashlib.sha512(b"\x01" + b).digest()))
+    return list(map(min, zip(*rows)))
+
+
+class DedupIndex:
+    """Incremental exact + near-duplicate filter (MinHash LSH, verified by exact Jaccard).
+
+    O(1) expected work per added item, so ~O(n) overall.
+    """
+
+    def __init__(self, threshold: float = 0.7) -> None:
+        self.threshold = threshold
+        self.hashes: set[str] = set()
+        self._sh: list[set[str]] = []
+        self._buckets: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+
+    def check(self, pair: ExamplePair) -> str | None:
+        """None if new, else "exact" or "near"; new items are added."""
+        h = content_hash(pair)
+        if h in self.hashes:
+            return "exact"
+        sh = shingles(pair.prompt + "\n" + pair.response)
+        sig = minhash(sh)
+        keys = [(b, tuple(sig[b * _ROWS : (b + 1) * _ROWS])) for b in range(_BANDS)]
+        seen: set[int] = set()
+        for key in keys:
+            for j in self._buckets.get(key, ()):
+                if j not in seen:
+                    seen.add(j)
+                    if jaccard(sh, self._sh[j]) >= self.threshold:
+                        return "near"
+        self.hashes.add(h)
+        idx = len(self._sh)
+        self._sh.append(sh)
+        for key in keys:
+            self._buckets.setdefault(key, []).append(idx)
+        return None
+
+    def add(self, pair: ExamplePair) -> bool:
+        return self.check(pair) is None
+
+
+@dataclass
+class DedupResult:
+    kept: list[ExamplePair] = field(default_factory=list)
+    exact_dupes: list[ExamplePair] = field(default_factory=list)
+    near_dupes: list[ExamplePair] = field(default_factory=list)
+
+    @property
+    def dropped(self) -> int:
+        return len(self.exact_dupes) + len(self.near_dupes)
+
+
+def dedup(pairs: Iterable[ExamplePair], threshold: float = 0.7) -> DedupResult:
+    """Keep the first of each group of exact (normalized) or near (Jaccard>=threshold on
+    word 3-gram shingles of prompt+response) duplicates."""
+    index = DedupIndex(threshold)
+    res = DedupResult()
+    for p in pairs:
+        kind = index.check(p)
+        if kind is None:
+            res.kept.append(p)
+        elif kind == "exact":
+            res.exact_dupes.append(p)
+        else:
+            res.near_dupes.append(p)
+    return res
+
+
+# ----------------------------------------------------------------------------------------
+# validation and split
+
+
+def estimate_tokens(text: str) -> int:
+    return math.ceil(len(text) / 4)
+
+
+def validate(
+    pairs: Iterable[ExamplePair], max_tokens: int, max_prompt_tokens: int = 4096
+) -> tuple[list[ExamplePair], list[tuple[ExamplePair, str]]]:
+    """Split into (valid, [(invalid, reason)]). Response must fit `max_tokens`."""
+    valid: list[ExamplePair] = []
+    invalid: list[tuple[ExamplePair, str]] = []
+    for p in pairs:
+        if not p.prompt.strip():
+            invalid.append((p, "empty prompt"))
+        elif not p.response.strip():
+            invalid.append((p, "empty response"))
+        elif (t := estimate_tokens(p.response)) > max_tokens:
+            invalid.append((p, f"response ~{t} tokens > {max_tokens}"))
+        elif (t := estimate_tokens(p.prompt)) > max_prompt_tokens:
+            invalid.append((p, f"prompt ~{t} tokens > {max_prompt_tokens}"))
+        else:
+            valid.append(p)
+    return valid, invalid
+
+
+def split(
+    pairs: list[ExamplePair], seed: int, val_frac: float = 0.1, test_frac: float = 0.1
+) -> dict[str, list[ExamplePair]]:
+    """Deterministic train/val/test split, independent of input order.
+
+    val_frac must be within [0.1, 0.2]; test_frac within [0, 0.3]. The test split is the
+    frozen held-out set for judging. With 3+ examples val (and test if test_frac>0) get
+    at least one each.
+    """
+    if not 0.1 <= val_frac <= 0.2:
+        raise ValueError(f"val_frac must be between 0.1 and 0.2, got {val_frac}")
+    if not 0.0 <= test_frac <= 0.3:
+        raise ValueError(f"test_frac must be between 0 and 0.3, got {test_frac}")
+    ordered = sorted(pairs, key=content_hash)
+    random.Random(seed).shuffle(ordered)
+    n = len(ordered)
+    n_val = n_test = 0
+    if n >= 3:
+        n_val = max(1, round(n * val_frac))
+        n_test = max(1, round(n * test_frac)) if test_frac > 0 else 0
+    return {
+        "test": ordered[:n_test],
+        "val": ordered[n_test : n_test + n_val],
+        "train": ordered[n_test + n_val :],
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# export / import
+
+
+def to_jsonl(pairs: Iterable[ExamplePair], system_prompt: str) -> bytes:
+    """OpenAI chat format: one {"messages": [system?, user, assistant]} object per line."""
+    out = io.StringIO()
+    for p in pairs:
+        msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        msgs += [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.response}]
+        row: dict[str, Any] = {"messages": msgs}
+        if p.reference is not None:
+            row["reference"] = p.reference
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return out.getvalue().encode("utf-8")
+
+
+_PROMPT_KEYS = ("prompt", "input", "question", "instruction")
+_RESPONSE_KEYS = ("response", "output", "completion", "answer")
+_MAX_REPORTED = 10
+
+
+def _content_text(c: Any) -> str:
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list):
+        return "".join(b.get("text", "") for b in c if isinstance(b, dict))
+    raise ValueError("message content must be a string or a list of text blocks")
+
+
+def _from_obj(obj: Any) -> ExamplePair:
+    if not isinstance(obj, dict):
+        raise ValueError("expected a JSON object")
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list):
+            raise ValueError('"messages" must be a list')
+        last_a = max((i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "assistant"), default=-1)
+        users = [i for i, m in enumerate(msgs[:last_a]) if isinstance(m, dict) and m.get("role") == "user"]
+        if last_a < 0 or not users:
+            raise ValueError('"messages" needs a user message followed by an assistant message')
+        prompt = _content_text(msgs[users[-1]].get("content"))
+        response = _content_text(msgs[last_a].get("content"))
+    else:
+        pk = next((k for k in _PROMPT_KEYS if k in obj), None)
+        rk = next((k for k in _RESPONSE_KEYS if k in obj), None)
+        if pk is None or rk is None:
+            raise ValueError('needs "prompt" and "response" (or "messages") fields')
+        prompt, response = obj[pk], obj[rk]
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            raise ValueError("prompt and response must be strings")
+    ref = obj.get("reference")
+    if ref is not None and not isinstance(ref, str):
+        raise ValueError('"reference" must be a string')
+    if not prompt.strip():
+        raise ValueError("empty prompt")
+    if not response.strip():
+        raise ValueError("empty response")
+    return ExamplePair(prompt=prompt, response=response, reference=ref or None)
+
+
+def _raise_errors(filename: str, errors: list[str]) -> None:
+    if errors:
+        more = f"\n(and {len(errors) - _MAX_REPORTED} more)" if len(errors) > _MAX_REPORTED else ""
+        raise ValueError(
+            f"{filename}: {len(errors)} bad row(s):\n" + "\n".join(errors[:_MAX_REPORTED]) + more
+        )
+
+
+def parse_import(filename: str, content: bytes) -> list[ExamplePair]:
+    """Examples from an uploaded JSONL or CSV file; ValueError lists bad rows by line."""
+    try:
+        text = content.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{filename}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    lower = filename.lower()
+    if lower.endswith((".jsonl", ".ndjson", ".json")):
+        is_json = True
+    elif lower.endswith((".csv", ".tsv")):
+        is_json = False
+    else:
+        is_json = text.lstrip().startswith("{")
+    pairs = _parse_jsonl(filename, text) if is_json else _parse_csv(filename, text)
+    if not pairs:
+        raise ValueError(f"{filename}: no examples found")
+    return pairs
+
+
+def _parse_jsonl(filename: str, text: str) -> list[ExamplePair]:
+    pairs: list[ExamplePair] = []
+    errors: list[str] = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            errors.append(f"line {i}: invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        try:
+            pairs.append(_from_obj(obj))
+        except ValueError as e:
+            errors.append(f"line {i}: {e}")
+    _raise_errors(filename, errors)
+    return pairs
+
+
+def _parse_csv(filename: str, text: str) -> list[ExamplePair]:
+    delim = "\t" if filename.lower().endswith(".tsv") else ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim)
+    try:
+        header = [h.strip().lower() for h in next(reader)]
+    except StopIteration:
+        raise ValueError(f"{filename}: empty file") from None
+    except csv.Error as e:
+        raise ValueError(f"{filename} line 1: {e}") from None
+    pi = next((header.index(k) for k in _PROMPT_KEYS if k in header), None)
+    ri = next((header.index(k) for k in _RESPONSE_KEYS if k in header), None)
+    fi = header.index("reference") if "reference" in header else None
+    if pi is None or ri is None:
+        raise ValueError(
+            f"{filename} line 1: header must name prompt,response columns "
+            f"(or input,output); found: {','.join(header)}"
+        )
+    pairs: list[ExamplePair] = []
+    errors: list[str] = []
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            errors.append(f"line {reader.line_num}: {e}")
+            break
+        line = reader.line_num
+        if not any(c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            errors.append(f"line {line}: expected {len(header)} columns, got {len(row)}")
+            continue
+        obj = {"prompt": row[pi], "response": row[ri]}
+        if fi is not None and row[fi].strip():
+            obj["reference"] = row[fi]
+        try:
+            pairs.append(_from_obj(obj))
+        except ValueError as e:
+            errors.append(f"line {line}: {e}")
+    _raise_errors(filename, errors)
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------
+# storage
+
+
+def store_dataset(
+    db: Database,
+    project_id: int,
+    splits: dict[str, list[ExamplePair]],
+    source: str,
+    seed: int,
+    dropped_dupes: int = 0,
+    dropped_invalid: int = 0,
+) -> Dataset:
+    """One Dataset row plus its Example rows; examples already in the project are skipped."""
+    unknown = set(splits) - {"train", "val", "test"}
+    if unknown:
+        raise ValueError(f"unknown split name(s): {sorted(unknown)}")
+    with db.session() as s:
+        existing = set(s.exec(select(Example.content_hash).where(Example.project_id == project_id)))
+        ds = Dataset(
+            project_id=project_id,
+            source=source,
+            seed=seed,
+            n_dropped_duplicates=dropped_dupes,
+            n_dropped_invalid=dropped_invalid,
+        )
+        s.add(ds)
+        s.flush()
+        counts = {"train": 0, "val": 0, "test": 0}
+        for name in ("train", "val", "test"):
+            for p in splits.get(name, []):
+                h = content_hash(p)
+                if h in existing:
+                    continue
+                existing.add(h)
+                s.add(
+                    Example(
+                        project_id=project_id,
+                        dataset_id=ds.id,
+                        prompt=p.prompt,
+                        response=p.response,
+                        reference=p.reference,
+                        split=name,
+                        source=source,
+                        content_hash=h,
+                    )
+                )
+                counts[name] += 1
+        ds.n_train, ds.n_val, ds.n_test = counts["train"], counts["val"], counts["test"]
+        s.add(ds)
+        s.commit()
+        s.refresh(ds)
+        return ds
+
+
+def load_split(db: Database, dataset_id: int, split: str) -> list[Example]:
+    with db.session() as s:
+        q = (
+            select(Example)
+            .where(Example.dataset_id == dataset_id, Example.split == split)
+            .order_by(Example.id)
+        )
+        return list(s.exec(q))
