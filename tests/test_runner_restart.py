@@ -1,0 +1,116 @@
+"""Process restarts: a new AgentRunner on the same files picks up where the old one was."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from sqlmodel import select
+
+from agent.ports import RecordingNotifier
+from storage.models import Dataset
+from tests.test_graph import TID, Env, env, make_runner  # noqa: F401  (fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = """
+import json, sys
+from agent.ports import RecordingNotifier
+from storage.settings import Settings
+from tests.test_graph import make_runner
+args = json.loads(sys.argv[1])
+runner = make_runner(Settings(_env_file=None, **args["settings"]), RecordingNotifier(), judge=False)
+print("resuming", flush=True)
+runner.resume(args["tid"], args["iid"], {"action": "approve", "user": "U1"})
+print("finished", flush=True)
+"""
+
+
+def test_restart_mid_conversation_resumes_pending_question(env: Env) -> None:
+    env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1", text="triage")
+    old = env.runner.pending(TID)
+    assert [p["text"] for _, p in old] == ["Question 1?"]
+    env.runner.close()
+
+    notifier = RecordingNotifier()
+    runner = make_runner(env.settings, notifier, env.trainer)
+    try:
+        assert runner.pending(TID) == old
+        assert runner.recover(wait=True) == []  # waiting at a question is not "stuck"
+        assert runner.reply(TID, "U1", "billing, bug, other")
+        assert runner.resume(TID, old[0][0], {"action": "answer", "text": "again"}) is False
+        [(iid, payload)] = runner.pending(TID)
+        assert payload == {"kind": "question", "text": "Question 2?"}
+        assert notifier.texts("ask") == [(iid, payload)]
+        define = [r for r in env.fake.message_requests
+                  if r["system"].startswith("[tuner:define]")]
+        users = [m["content"] for m in define[-1]["messages"] if m["role"] == "user"]
+        assert users == ["triage", "billing, bug, other"]
+    finally:
+        runner.close()
+
+
+def test_process_killed_during_generation_is_recovered(env: Env) -> None:
+    env.claude.example_count = 400
+    env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1", text="triage")
+    env.runner.reply(TID, "U1", "a")
+    env.runner.reply(TID, "U1", "b")
+    [(spec_iid, _)] = env.runner.pending(TID)
+    assert env.runner.resume(TID, spec_iid, {"action": "approve", "user": "U1"})
+    [(samples_iid, payload)] = env.runner.pending(TID)
+    assert payload["kind"] == "samples"
+    env.runner.close()
+
+    # A second process approves the samples and dies (SIGKILL) in the middle of generation.
+    started = threading.Event()
+
+    def slow_generate() -> None:
+        if env.claude.generate_calls >= 6:
+            started.set()
+        time.sleep(0.2)
+
+    env.claude.on_generate = slow_generate
+    s = env.settings
+    args = {
+        "tid": TID, "iid": samples_iid,
+        "settings": {"anthropic_api_key": s.anthropic_api_key.get_secret_value(),
+                     "anthropic_base_url": s.anthropic_base_url,
+                     "database_url": s.database_url,
+                     "tuner_allowed_users": s.tuner_allowed_users},
+    }
+    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert started.wait(60), child.stderr.read() if child.poll() is not None else "no calls"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    out = child.stdout.read()
+    assert "resuming" in out and "finished" not in out
+    env.claude.on_generate = None
+    calls_before = env.claude.generate_calls
+
+    notifier = RecordingNotifier()
+    runner = make_runner(env.settings, notifier, env.trainer)
+    try:
+        state = runner.graph.get_state({"configurable": {"thread_id": TID}})
+        assert state.next == ("generate",) and not state.interrupts
+        with env.db.session() as sess:
+            assert sess.exec(select(Dataset)).all() == []
+        assert runner.recover(wait=True) == [TID]
+        assert env.claude.generate_calls > calls_before
+        [(iid, payload)] = runner.pending(TID)
+        assert payload["kind"] == "launch"
+        assert notifier.texts("ask") == [(iid, payload)]
+        assert [u[0] for u in notifier.texts("upload")] == ["ticket-triage-train.jsonl"]
+        with env.db.session() as sess:
+            ds = sess.exec(select(Dataset)).one()
+        assert ds.n_train + ds.n_val + ds.n_test == 400
+        assert runner.recover(wait=True) == []  # nothing left to recover
+    finally:
+        runner.close()
