@@ -162,7 +162,8 @@ class _ValueParser:
 
 def field_args(query: str, field_name: str) -> dict[str, Any] | None:
     """Arguments of the first `field_name(...)` in the query; {} if it has none; None if absent."""
-    m = re.search(rf"\b{field_name}\s*(\(|\{{)", query)
+    # skip operation names ("query pod {"): only fields count
+    m = re.search(rf"(?<!query )(?<!mutation )\b{field_name}\s*(\(|\{{)", query)
     if not m:
         return None
     if m.group(1) == "{":
@@ -363,6 +364,8 @@ class FakeRunPod:
                     return res
         except GraphQLSyntaxError as exc:
             return _err(str(exc))
+        except (KeyError, TypeError, AttributeError) as exc:
+            return _err(f"Invalid input: {exc!r}")
         for fn in self._gql_handlers:
             res = fn(query, variables)
             if res is not None:
