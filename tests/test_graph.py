@@ -13,18 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 from sqlmodel import func, select
 
 from agent.context import AgentContext
 from agent.ports import RecordingNotifier
 from agent.runner import AgentRunner
 from jobs.claude import ClaudeClient
+from jobs.deploy import DeployService
 from jobs.judge import JudgeService
+from jobs.serverless import ServerlessClient
 from jobs.types import BudgetExceededError, LaunchEstimate, RunOutcome, RunSnapshot
 from storage.db import Database
-from storage.models import Dataset, Example, Project, Run, TaskSpecRow
+from storage.models import Dataset, Deployment, Example, Project, Run, TaskSpecRow
 from storage.settings import Settings
 from tests.fakes.anthropic_fake import API_KEY, FakeAnthropic, last_user_text, system_text
+from tests.fakes.runpod_serverless_fake import FakeServerless
 
 TID = "T1:C1:100.1"
 _SYL = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ze", "po", "qu", "fa", "de", "bo", "xi"]
@@ -137,6 +141,9 @@ class ScriptedTrainer:
             on_progress(snap)
         with self.db.session() as s:
             run = s.get(Run, run_id)
+            run.status, run.artifact_uri = "succeeded", "hf://acme/tuner-ticket-triage"
+            s.add(run)
+            s.commit()
             tests = s.exec(select(Example).where(
                 Example.dataset_id == run.dataset_id, Example.split == "test"
             )).all()
@@ -365,3 +372,38 @@ def test_mention_in_existing_thread_is_a_reply(env: Env) -> None:
         assert len(s.exec(select(Project)).all()) == 1
     env.only_pending("question")
     assert env.asks()[-1][1]["text"] == "Question 2?"
+
+
+def test_deploy_and_undeploy_through_serverless_fake(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with FakeServerless.running(api_key="rp-key") as rp:
+        monkeypatch.setenv("RUNPOD_API_BASE_URL", rp.base_url)
+        monkeypatch.setenv("RUNPOD_ENDPOINT_BASE_URL", rp.endpoint_base_url)
+        settings = env.settings.model_copy(update={
+            "runpod_api_key": SecretStr("rp-key"), "runpod_api_base_url": rp.base_url,
+            "runpod_endpoint_base_url": rp.endpoint_base_url, "tuner_hf_namespace": "acme"})
+        env.runner.ctx.deployer = DeployService(env.db, settings, ServerlessClient(settings),
+                                                poll_s=0.0)
+        env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1", text="triage")
+        assert env.runner.import_file(TID, "U1", "tickets.jsonl", JSONL.encode())
+        iid = env.only_pending("launch")
+        assert env.runner.resume(TID, iid, {"action": "launch", "user": "UADMIN"})
+        iid = env.only_pending("deploy")
+        assert env.runner.resume(TID, iid, {"action": "deploy", "user": "UNOBODY"})
+        assert "<@UNOBODY> is not allowed to deploy" in env.notifier.texts("error")[-1]
+        iid = env.only_pending("deploy")
+        assert env.runner.resume(TID, iid, {"action": "deploy", "user": "UADMIN"})
+        iid = env.only_pending("deployed")
+        with env.db.session() as s:
+            dep = s.exec(select(Deployment)).one()
+            assert s.exec(select(Project)).one().status == "deployed"
+        assert env.asks()[-1][1]["deployment_id"] == dep.id
+        assert rp.live_endpoints == [dep.endpoint_id]
+        post = env.notifier.texts("say")[-1]
+        assert f"endpoint `{dep.endpoint_id}`" in post and "curl" in post
+        assert "Cost per 1k requests: $" in post and "rp-key" not in post
+        assert env.runner.resume(TID, iid, {"action": "undeploy", "user": "UADMIN"})
+        assert rp.live_endpoints == [] and env.runner.pending(TID) == []
+        with env.db.session() as s:
+            assert s.exec(select(Deployment)).one().status == "removed"
