@@ -269,10 +269,25 @@ def load_transformers(job: JobRequest, hf_token: str | None) -> tuple[Any, Any]:
     else:
         tokenizer = AutoTokenizer.from_pretrained(cfg.base_model, token=hf_token)
         kwargs: dict[str, Any] = {"token": hf_token}
+        quantized = False
         if torch.cuda.is_available():
-            kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            kwargs["device_map"] = {"": 0}
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            kwargs.update(dtype=dtype, device_map={"": 0})
+            if cfg.load_in_4bit and _importable("bitsandbytes"):
+                from transformers import BitsAndBytesConfig
+
+                kwargs["quantization_config"] = BitsAndBytesConfig(
+                    load_in_4bit=True,
+                    bnb_4bit_quant_type="nf4",
+                    bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=dtype,
+                )
+                quantized = True
         model = AutoModelForCausalLM.from_pretrained(cfg.base_model, **kwargs)
+        if quantized:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     lora = LoraConfig(
@@ -286,6 +301,12 @@ def load_transformers(job: JobRequest, hf_token: str | None) -> tuple[Any, Any]:
         modules_to_save=["lm_head", "embed_tokens"] if cfg.tiny_random_model else None,
     )
     return get_peft_model(model, lora), tokenizer
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def load_unsloth(job: JobRequest, hf_token: str | None) -> tuple[Any, Any]:
@@ -425,7 +446,7 @@ def train_model(job: JobRequest, state: JobState, model: Any, tokenizer: Any, ba
         dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        gradient_checkpointing=cuda,
+        gradient_checkpointing=cuda and backend != "unsloth",  # unsloth patches its own in
     )
     callbacks = [make_callback(state)]
     if cfg.early_stopping_patience > 0:
@@ -469,6 +490,25 @@ def generate(job: JobRequest, model: Any, tokenizer: Any, backend: str) -> list[
     return out
 
 
+def merge_transformers(
+    cfg: TrainConfig, model: Any, tokenizer: Any, adapter_dir: Path, merged_dir: Path, hf_token: str | None
+) -> None:
+    """Merge LoRA into 16-bit base weights. A 4-bit base is reloaded in 16 bit first (merging into
+    quantized weights is lossy); otherwise the trained model is merged in place (call this last)."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model.base_model, "is_loaded_in_4bit", False):
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+        base = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=dtype, token=hf_token)
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    else:
+        merged = model.merge_and_unload()
+    merged.save_pretrained(str(merged_dir))
+    tokenizer.save_pretrained(str(merged_dir))
+
+
 def save_outputs(
     job: JobRequest, state: JobState, model: Any, tokenizer: Any, backend: str, hf_token: str | None
 ) -> tuple[list[str], dict[str, Any]]:
@@ -486,11 +526,14 @@ def save_outputs(
     artifacts = [ADAPTER_ARTIFACT]
 
     merged_dir = state.workdir / "merged"
-    if cfg.save_merged and backend == "unsloth":
+    if cfg.save_merged:  # 16-bit merged weights: what worker-vllm serves
         try:
-            model.save_pretrained_merged(str(merged_dir), tokenizer, save_method="merged_16bit")
+            if backend == "unsloth":
+                model.save_pretrained_merged(str(merged_dir), tokenizer, save_method="merged_16bit")
+            else:
+                merge_transformers(cfg, model, tokenizer, adapter_dir, merged_dir, hf_token)
             extra["merged_dir"] = str(merged_dir)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - the adapter is already safe; merging is a bonus
             extra["merged_error"] = state.scrub(f"{type(exc).__name__}: {exc}")[:300]
     if cfg.save_gguf and backend == "unsloth":
         try:
@@ -560,6 +603,8 @@ def make_handler(state: JobState, token: str) -> type[BaseHTTPRequestHandler]:
             self.send_response(status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(body)
 
@@ -571,6 +616,7 @@ def make_handler(state: JobState, token: str) -> type[BaseHTTPRequestHandler]:
             given = self.headers.get("Authorization", "").encode()
             if hmac.compare_digest(given, expected):
                 return True
+            self.close_connection = True  # any unread request body must not poison keep-alive
             self._json(HTTPStatus.UNAUTHORIZED, {"error": "unauthorized"})
             return False
 
@@ -598,12 +644,13 @@ def make_handler(state: JobState, token: str) -> type[BaseHTTPRequestHandler]:
             self._send(HTTPStatus.OK, path.read_bytes(), "application/octet-stream")
 
         def do_POST(self) -> None:  # noqa: N802
+            if not self._authorised():  # before reading: strangers never make us buffer a body
+                return None
             length = int(self.headers.get("Content-Length") or 0)
             if length > _MAX_BODY:
+                self.close_connection = True
                 return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "body too large"})
             body = self.rfile.read(length) if length else b""
-            if not self._authorised():
-                return None
             if self.path == "/job":
                 try:
                     job = JobRequest.model_validate_json(body)
@@ -612,7 +659,8 @@ def make_handler(state: JobState, token: str) -> type[BaseHTTPRequestHandler]:
                 status, progress = state.start(job)
                 return self._json(status, progress)
             if self.path == "/stop":
-                state.stop.set()
+                if state.snapshot().job_id is not None:  # no job yet: nothing to stop
+                    state.stop.set()
                 return self._json(HTTPStatus.ACCEPTED, state.snapshot())
             return self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
 

@@ -160,6 +160,7 @@ def test_train_succeeds_with_decreasing_eval_loss(start_pod: Callable[..., Pod])
     assert httpx.get(f"{pod.base}/progress", headers={"Authorization": "Bearer nope"}).status_code == 401
     assert httpx.post(f"{pod.base}/job", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
     assert pod.progress().state == "waiting"
+    assert pod.http.post("/stop").status_code == 202  # no job yet: must not pre-stop the next one
 
     r = pod.http.post("/job", json=body)
     assert r.status_code == 202, r.text
@@ -191,6 +192,10 @@ def test_train_succeeds_with_decreasing_eval_loss(start_pod: Callable[..., Pod])
     assert res.artifacts == [ADAPTER_ARTIFACT]
     assert res.hf_repo is None and "hf_pushed" not in res.extra  # no HF_TOKEN: no push
     check_adapter_tarball(pod)
+    merged = Path(res.extra["merged_dir"])  # save_merged defaults on: a plain 16-bit model dir
+    assert json.loads((merged / "config.json").read_text())["model_type"] == "llama"
+    assert (merged / "model.safetensors").stat().st_size > 10_000
+    assert not (merged / "adapter_config.json").exists()
     assert pod.http.get("/artifacts/nope.tar.gz").status_code == 404
     assert pod.http.get("/artifacts/..%2Fpod0.log").status_code == 404
     assert TOKEN not in pod.log()
@@ -198,7 +203,7 @@ def test_train_succeeds_with_decreasing_eval_loss(start_pod: Callable[..., Pod])
 
 def test_stop_keeps_best_checkpoint(start_pod: Callable[..., Pod]) -> None:
     pod = start_pod()
-    body = job_body("job-stop", max_steps=3000, early_stopping_patience=100)
+    body = job_body("job-stop", max_steps=3000, early_stopping_patience=100, save_merged=False)
     assert pod.http.post("/job", json=body).status_code == 202
     pod.wait(lambda p: len(p.eval_loss) >= 2 or p.state in TERMINAL_STATES)
 
@@ -217,6 +222,7 @@ def test_stop_keeps_best_checkpoint(start_pod: Callable[..., Pod]) -> None:
     assert res.state == "stopped"
     assert res.best_eval_loss == p.best_eval_loss and res.best_step == p.best_step
     assert res.extra["loaded_best_step"] == p.best_step
+    assert "merged_dir" not in res.extra
     assert len(res.generations) == 3
     check_adapter_tarball(pod)
 
