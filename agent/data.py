@@ -113,7 +113,7 @@ def generate_samples(
         schema=SampleBatch,
         purpose="samples",
         project_id=project_id,
-        max_tokens=min(32000, max(4096, n * (spec.max_output_tokens + 256))),
+        max_tokens=min(16000, max(4096, n * (spec.max_output_tokens + 256))),
     )
     valid, _ = validate(batch.examples, spec.max_output_tokens)
     return valid[:n]
@@ -159,7 +159,7 @@ def generate_dataset(
             schema=SampleBatch,
             purpose="generate",
             project_id=project_id,
-            max_tokens=min(32000, max(4096, batch_size * (spec.max_output_tokens + 256))),
+            max_tokens=min(16000, max(4096, batch_size * (spec.max_output_tokens + 256))),
         )
 
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="gen")

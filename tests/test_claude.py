@@ -151,3 +151,28 @@ def test_usage_recorded_with_cost(db):
     assert row.quantity > 100  # output ~ 100 tokens of the 400-char reason
     assert row.usd == pytest.approx(spend.total(db, project_id=1))
     assert row.usd > 0
+
+
+def test_injected_sdk_client_is_used(db):
+    import anthropic
+
+    with FakeAnthropic.running(lambda req: json.dumps({"winner": "B", "reason": "r"})) as fake:
+        sdk = anthropic.Anthropic(api_key=API_KEY, base_url=fake.base_url, max_retries=0)
+        settings = Settings(_env_file=None, anthropic_api_key=None)  # not needed when injected
+        out = ClaudeClient(settings, db, client=sdk).structured(
+            system="s", messages=[{"role": "user", "content": "q"}], schema=Verdict,
+            purpose="judge", max_tokens=16000,
+        )
+    assert out.winner == "B"
+
+
+def test_rate_limited_requests_are_retried_by_sdk(db):
+    with FakeAnthropic.running(
+        lambda req: json.dumps({"winner": "A", "reason": "r"}), rate_limit_per_s=2
+    ) as fake:
+        settings = Settings(_env_file=None, anthropic_api_key=API_KEY, anthropic_base_url=fake.base_url)
+        client = ClaudeClient(settings, db, max_retries=3)
+        for _ in range(3):
+            client.structured(system="s", messages=[{"role": "user", "content": "q"}],
+                              schema=Verdict, purpose="p")
+        assert fake.rate_limited >= 1 and len(fake.message_requests) == 3
