@@ -128,7 +128,8 @@ def retry_wait(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
     value = interrupt(
         {
             "kind": "retry",
-            "text": state.get("error") or "Something went wrong.",
+            "text": f"{STEP_LABELS.get(failed, failed)} failed: "
+            f"{state.get('error') or 'unknown error'}. Reply in this thread to try again.",
             "node": failed,
             "step": STEP_LABELS.get(failed, failed),
         }

@@ -58,13 +58,22 @@ def judge(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
         state["thread_id"],
         judge_text(result, ctx.settings.tuner_promotion_threshold, state.get("best_eval_loss")),
     )
-    return Command(goto="offer_deploy", update={"eval_id": result.id, "generations": {}})
+    summary = {"win_rate": result.win_rate, "ci_low": result.ci_low, "ci_high": result.ci_high}
+    return Command(
+        goto="offer_deploy",
+        update={"eval_id": result.id, "eval_summary": summary, "generations": {}},
+    )
 
 
 def offer_deploy(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
     ctx = runtime.context
     value = interrupt(
-        {"kind": "deploy", "run_id": state.get("run_id"), "eval_id": state.get("eval_id")}
+        {
+            "kind": "deploy",
+            "run_id": state.get("run_id"),
+            "eval_id": state.get("eval_id"),
+            **(state.get("eval_summary") or {}),
+        }
     )
     if (cmd := route_import(value, "offer_deploy")) is not None:
         return cmd
@@ -102,20 +111,25 @@ def deploy(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
         f"Cost per 1k requests: {_money(dep.cost_per_1k_usd)} vs "
         f"{_money(dep.big_model_cost_per_1k_usd)} on the big model.",
     ]
-    try:
-        from jobs.deploy import curl_example
+    from jobs.deploy import curl_example
 
-        lines.append("```" + curl_example(dep) + "```")
-    except ImportError:
-        pass
+    curl = curl_example(dep)
+    lines.append("```" + curl + "```")
     ctx.notifier.say(state["thread_id"], "\n".join(lines))
     set_project(ctx, state["project_id"], status="deployed")
-    return Command(goto="deployed", update={"deployment_id": dep.id})
+    info = {"endpoint_id": str(dep.endpoint_id), "curl": curl}
+    return Command(goto="deployed", update={"deployment_id": dep.id, "deploy_info": info})
 
 
 def deployed(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
     ctx = runtime.context
-    value = interrupt({"kind": "deployed", "deployment_id": state.get("deployment_id")})
+    value = interrupt(
+        {
+            "kind": "deployed",
+            "deployment_id": state.get("deployment_id"),
+            **(state.get("deploy_info") or {}),
+        }
+    )
     if (cmd := route_import(value, "deployed")) is not None:
         return cmd
     if action_of(value) != "undeploy":

@@ -21,7 +21,9 @@ class AgentState(TypedDict, total=False):
     best_eval_loss: float | None
     generations: dict[str, str]  # held-out example id -> model output (until judged)
     eval_id: int | None
+    eval_summary: dict[str, float] | None  # win_rate, ci_low, ci_high for the deploy card
     deployment_id: int | None
+    deploy_info: dict[str, str] | None  # endpoint_id, curl for the deployed card
     pending_import: dict[str, str] | None  # {"filename", "content", "user"} until imported
     return_to: str | None  # waiting node to go back to when an import fails
     failed_node: str | None  # node to re-run from the retry card

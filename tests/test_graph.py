@@ -342,7 +342,8 @@ def test_import_then_launch_train_judge_and_skip(env: Env) -> None:
     assert len(judge_reqs) == 2 * n_test  # both orders per held-out example
     report = [t for t in env.notifier.texts("say") if t.startswith("*Judge results*")]
     assert len(report) == 1 and "win rate 0%" in report[0] and "Example 1" in report[0]
-    assert env.asks()[-1][1]["run_id"] == 2
+    card = env.asks()[-1][1]
+    assert card["run_id"] == 2 and card["win_rate"] == 0.0 and card["ci_high"] > 0
 
     assert env.runner.resume(TID, deploy_iid, {"action": "skip", "user": "UADMIN"})
     assert env.runner.pending(TID) == []
@@ -358,6 +359,7 @@ def test_malformed_llm_output_reports_and_stays_resumable(env: Env) -> None:
                                 "DefineTurn")
     assert len(_requests(env.fake, "[tuner:define]")) == 3  # the client's retries
     env.only_pending("retry")
+    assert env.asks()[-1][1]["text"].endswith("Reply in this thread to try again.")
     env.claude.define_malformed = False
     assert env.runner.reply(TID, "U1", "labels: billing, bug, other")
     env.only_pending("question")
@@ -398,7 +400,9 @@ def test_deploy_and_undeploy_through_serverless_fake(
         with env.db.session() as s:
             dep = s.exec(select(Deployment)).one()
             assert s.exec(select(Project)).one().status == "deployed"
-        assert env.asks()[-1][1]["deployment_id"] == dep.id
+        card = env.asks()[-1][1]
+        assert card["deployment_id"] == dep.id and card["endpoint_id"] == dep.endpoint_id
+        assert card["curl"].startswith("curl") and "rp-key" not in card["curl"]
         assert rp.live_endpoints == [dep.endpoint_id]
         post = env.notifier.texts("say")[-1]
         assert f"endpoint `{dep.endpoint_id}`" in post and "curl" in post
