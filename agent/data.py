@@ -119,6 +119,17 @@ def generate_samples(
     return valid[:n]
 
 
+@dataclass
+class GenerationStats:
+    """Filled in by generate_dataset when passed: what was dropped along the way."""
+
+    calls: int = 0
+    failed_calls: int = 0
+    exact_dupes: int = 0
+    near_dupes: int = 0
+    invalid: int = 0
+
+
 def generate_dataset(
     llm: LLM,
     spec: TaskSpec,
@@ -131,6 +142,7 @@ def generate_dataset(
     batch_size: int = 8,
     seed: int = 0,
     max_calls: int | None = None,
+    stats: GenerationStats | None = None,
 ) -> list[ExamplePair]:
     """Up to `n` valid, unique examples from `batch_size`-example calls, `concurrency` at a time.
 
@@ -147,6 +159,7 @@ def generate_dataset(
     cap = max_calls if max_calls is not None else max(planned * 2, planned + concurrency)
     seeds = topic_seeds(spec, cap, seed)
     index = DedupIndex()
+    st = stats if stats is not None else GenerationStats()
     kept: list[ExamplePair] = []
     calls = failed = processed = 0
     last_error = ""
@@ -185,16 +198,25 @@ def generate_dataset(
                     failed += 1
                     last_error = str(e)
                     continue
-                valid, _ = validate(batch.examples, spec.max_output_tokens)
+                valid, bad = validate(batch.examples, spec.max_output_tokens)
+                st.invalid += len(bad)
                 for pair in valid:
-                    if len(kept) < n and index.add(pair):
+                    if len(kept) >= n:
+                        break
+                    kind = index.check(pair)
+                    if kind is None:
                         kept.append(pair)
+                    elif kind == "exact":
+                        st.exact_dupes += 1
+                    else:
+                        st.near_dupes += 1
             if on_progress is not None:
                 on_progress(len(kept), n)
             if processed >= max(4, concurrency) and failed * 2 > processed:
                 break
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        st.calls, st.failed_calls = processed, failed
     if len(kept) < n and failed * 2 > processed:
         raise LLMOutputError(
             f"Generation failed: {failed} of {processed} Claude calls returned unusable output "

@@ -130,9 +130,11 @@ def test_generate_dataset_covers_duplicates_and_failed_calls(db):
         out["examples"][0] = first["examples"][0]
         return json.dumps(out)
 
+    stats = data.GenerationStats()
     with FakeAnthropic.running(responder) as fake:
-        got = generate_dataset(claude(fake, None), SPEC, [], 200, concurrency=3)
+        got = generate_dataset(claude(fake, None), SPEC, [], 200, concurrency=3, stats=stats)
     assert len(got) == 200 and len({content_hash(p) for p in got}) == 200
+    assert stats.failed_calls >= 1 and stats.exact_dupes >= 1 and stats.calls >= 200 / 7
 
 
 def test_generate_dataset_raises_when_most_calls_fail():
