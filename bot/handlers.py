@@ -27,6 +27,20 @@ from storage.settings import Settings
 log = logging.getLogger(__name__)
 
 MAX_IMPORT_BYTES = 20 * 1024 * 1024
+
+# What the app listens to and needs; manifest.yml must match (tests/test_cli.py checks it).
+EVENTS = ("app_mention", "message", "app_home_opened")
+MANIFEST_BOT_EVENTS = ("app_mention", "message.channels", "message.groups", "app_home_opened")
+COMMANDS = ("/tuner",)
+REQUIRED_SCOPES = (
+    "app_mentions:read",  # app_mention
+    "channels:history",  # message.channels (thread replies)
+    "groups:history",  # message.groups
+    "chat:write",  # postMessage / update / postEphemeral
+    "commands",  # /tuner
+    "files:read",  # url_private download of imported .jsonl
+    "files:write",  # charts via files_upload_v2
+)
 _MENTION_RE = re.compile(r"<@[A-Z0-9]+>")
 
 
@@ -90,14 +104,15 @@ class Handlers:
 
     # ------------------------------------------------------------------ wiring
     def register(self, app: App) -> None:
-        app.event("app_mention")(self.on_app_mention)
-        app.event("message")(self.on_message)
-        app.event("app_home_opened")(self.on_home_opened)
+        on_event = dict(zip(EVENTS, (self.on_app_mention, self.on_message, self.on_home_opened)))
+        for name, fn in on_event.items():
+            app.event(name)(fn)
         for action_id in (*_RESUME_ACTION, *_MODAL):
             app.action(action_id)(self.on_interrupt_action)
         app.action(B.STOP_RUN)(self.on_stop_run)
         app.view(B.FEEDBACK_CALLBACK)(self.on_feedback_submit)
-        app.command("/tuner")(self.on_command)
+        for cmd in COMMANDS:
+            app.command(cmd)(self.on_command)
 
     # ------------------------------------------------------------------ events
     def on_app_mention(self, body: dict, event: dict, context: BoltContext, client: WebClient) -> None:

@@ -1,0 +1,122 @@
+"""Builds the running process: DB, Slack client, Claude, RunPod services, agent runner, app.
+
+Imports are lazy so `tuner doctor` and `tuner projects` stay fast. A service whose key is
+missing is left out (None) and the agent explains what to set when a step needs it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from storage.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class MissingLLM:
+    """Stands in for Claude when ANTHROPIC_API_KEY is not set: every call explains that."""
+
+    def structured(self, **_: Any) -> Any:
+        from agent.nodes_common import NotConfiguredError
+
+        raise NotConfiguredError("Claude is not configured: set ANTHROPIC_API_KEY and restart.")
+
+
+@dataclass
+class Wired:
+    settings: Settings
+    db: Any
+    app: Any
+    runner: Any
+    services: Any
+    notifier: Any
+    reaper: Any | None = None
+    scheduler: Any | None = None
+    missing: list[str] = field(default_factory=list)
+
+    def start_background(self) -> list[str]:
+        """Reaper start-up pass + periodic loop, nightly scheduler, then resume dead threads."""
+        if self.reaper is not None:
+            reaped = self.reaper.run_once()
+            if reaped:
+                log.warning("reaper terminated %d orphan pod(s) at start-up", len(reaped))
+            self.reaper.start()
+        if self.scheduler is not None:
+            from jobs.scheduler import sync_jobs
+
+            self.scheduler.start()
+            sync_jobs(self.scheduler, self.db, self.settings)
+        return list(self.runner.recover())
+
+    def close(self) -> None:
+        if self.reaper is not None:
+            self.reaper.stop(timeout=2)
+        if self.scheduler is not None and self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        self.services.worker.shutdown(wait=False)
+        close = getattr(self.runner, "close", None)
+        if close:
+            close()
+
+
+def build(settings: Settings, *, artifacts_dir: Path | None = None) -> Wired:
+    from agent.context import AgentContext
+    from agent.runner import AgentRunner
+    from bot.app import create_app, make_client
+    from bot.handlers import Services
+    from bot.presenter import SlackNotifier
+    from storage.db import Database
+
+    missing: list[str] = []
+    db = Database(settings.database_url)
+    client = make_client(settings)
+    notifier = SlackNotifier(client, db)
+
+    llm: Any
+    judge = None
+    if settings.anthropic_api_key is not None:
+        from jobs.claude import ClaudeClient
+        from jobs.judge import JudgeService
+
+        llm = ClaudeClient(settings, db)
+        judge = JudgeService(db, llm, settings)
+    else:
+        llm = MissingLLM()
+        missing.append("ANTHROPIC_API_KEY (spec, data generation and judging are off)")
+
+    trainer = deployer = reaper = None
+    if settings.runpod_api_key is not None:
+        from jobs.reaper import Reaper
+        from jobs.runpod_api import RunPodAPI
+        from jobs.training import TrainingService
+
+        api = RunPodAPI(settings)
+        trainer = TrainingService(db, settings, api, artifacts_dir or Path("data/artifacts"))
+        reaper = Reaper(db, api, settings.tuner_reaper_interval_s)
+        if settings.hf_token is not None:
+            from jobs.deploy import DeployService
+            from jobs.serverless import ServerlessClient
+
+            deployer = DeployService(db, settings, ServerlessClient(settings))
+        else:
+            missing.append("HF_TOKEN (deployment is off)")
+    else:
+        missing.append("RUNPOD_API_KEY (training and deployment are off)")
+
+    ctx = AgentContext(db=db, settings=settings, llm=llm, notifier=notifier, trainer=trainer,
+                       judge=judge, deployer=deployer)
+    runner = AgentRunner(ctx)
+    services = Services(db=db, training=trainer, missing=missing)
+    app = create_app(settings, runner, services, client=client)
+
+    scheduler = None
+    if trainer is not None and judge is not None:
+        from agent.nightly import NightlyService
+        from jobs.scheduler import build_scheduler
+
+        nightly = NightlyService(db, settings, llm, trainer, judge, notifier)
+        scheduler = build_scheduler(settings, settings.database_url, nightly.run)
+    return Wired(settings, db, app, runner, services, notifier, reaper, scheduler, missing)
