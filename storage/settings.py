@@ -21,8 +21,8 @@ class Settings(BaseSettings):
     # Anthropic (ANTHROPIC_BASE_URL is read by the SDK itself)
     anthropic_api_key: SecretStr | None = None
     anthropic_base_url: str | None = None
-    tuner_claude_model: str = "claude-sonnet-4-5"
-    tuner_judge_model: str = "claude-sonnet-4-5"
+    tuner_claude_model: str = "claude-sonnet-4-6"
+    tuner_judge_model: str = "claude-sonnet-4-6"
     tuner_generation_concurrency: int = 8
 
     # RunPod (RUNPOD_API_BASE_URL / RUNPOD_ENDPOINT_BASE_URL are SDK-native)

@@ -11,7 +11,10 @@ from storage.models import SpendEntry
 # USD per million tokens (input, output); unknown models use the default.
 CLAUDE_PRICES: dict[str, tuple[float, float]] = {
     "claude-opus-4-5": (5.0, 25.0),
+    "claude-opus-4-6": (5.0, 25.0),
+    "claude-opus-4-7": (5.0, 25.0),
     "claude-sonnet-4-5": (3.0, 15.0),
+    "claude-sonnet-4-6": (3.0, 15.0),
     "claude-haiku-4-5": (1.0, 5.0),
 }
 DEFAULT_CLAUDE_PRICE = (3.0, 15.0)
