@@ -55,7 +55,7 @@ def test_structured_parse_ok_and_wire_format(db):
     assert req["output_config"]["format"]["type"] == "json_schema"
     assert set(req["output_config"]["format"]["schema"]["required"]) == {"winner", "reason"}
     assert "temperature" not in req and "top_p" not in req and "tool_choice" not in req
-    assert req["model"] == "claude-sonnet-4-5" and req["max_tokens"] == 300
+    assert req["model"] == "claude-sonnet-4-6" and req["max_tokens"] == 300
 
 
 def test_nested_schema_routed_by_system_marker(db):
@@ -130,7 +130,7 @@ def test_wrong_key_gives_clear_error(db):
 
 def test_ping_ok(db):
     with FakeAnthropic.running(lambda req: "{}") as fake:
-        assert "claude-sonnet-4-5" in _client(fake, db).ping()
+        assert "claude-sonnet-4-6" in _client(fake, db).ping()
 
 
 def test_missing_key_is_clear(db):

@@ -207,8 +207,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         model = {
             "type": "model",
-            "id": "claude-sonnet-4-5",
-            "display_name": "Claude Sonnet 4.5",
+            "id": "claude-sonnet-4-6",
+            "display_name": "Claude Sonnet 4.6",
             "created_at": "2025-09-29T00:00:00Z",
         }
         self._send(
