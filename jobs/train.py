@@ -464,6 +464,15 @@ def train_model(job: JobRequest, state: JobState, model: Any, tokenizer: Any, ba
     return trainer.model, getattr(trainer.state, "best_global_step", None)
 
 
+def stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """End-of-turn ids: the model's generation_config ones (e.g. Llama 3 <|eot_id|>) plus the tokenizer's."""
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = list(gen) if isinstance(gen, (list, tuple)) else ([gen] if gen is not None else [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
 def generate(job: JobRequest, model: Any, tokenizer: Any, backend: str) -> list[Generation]:
     import torch
 
@@ -483,7 +492,7 @@ def generate(job: JobRequest, model: Any, tokenizer: Any, backend: str) -> list[
                 max_new_tokens=job.config.max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stop_ids(model, tokenizer),
             )
         new = ids[0, enc["input_ids"].shape[1] :]
         out.append(Generation(id=prompt.id, output=tokenizer.decode(new, skip_special_tokens=True).strip()))
@@ -578,7 +587,7 @@ def run_job(job: JobRequest, state: JobState) -> Results:
         generations=generations,
         artifacts=artifacts,
         hf_repo=job.config.hf_repo if extra.get("hf_pushed") else None,
-        extra={"backend": backend, "steps": p.step, "loaded_best_step": trainer_best_step, **extra},
+        extra={"backend": backend, "steps": p.step, "trainer_best_step": trainer_best_step, **extra},
     )
 
 

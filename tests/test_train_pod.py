@@ -185,7 +185,7 @@ def test_train_succeeds_with_decreasing_eval_loss(start_pod: Callable[..., Pod])
     res = Results.model_validate_json(pod.http.get("/results").content)
     assert res.state == "succeeded" and res.job_id == "job-ok"
     assert res.best_step == p.best_step and res.best_eval_loss == p.best_eval_loss
-    assert res.extra["loaded_best_step"] == p.best_step  # the trainer reloaded that checkpoint
+    assert res.extra["trainer_best_step"] == p.best_step  # the trainer agrees (load_best_model_at_end reloads it)
     assert [g.id for g in res.generations] == ["p0", "p1", "p2"]
     assert all(isinstance(g.output, str) for g in res.generations)
     assert any(g.output.strip() for g in res.generations)
@@ -221,7 +221,7 @@ def test_stop_keeps_best_checkpoint(start_pod: Callable[..., Pod]) -> None:
     res = Results.model_validate_json(pod.http.get("/results").content)
     assert res.state == "stopped"
     assert res.best_eval_loss == p.best_eval_loss and res.best_step == p.best_step
-    assert res.extra["loaded_best_step"] == p.best_step
+    assert res.extra["trainer_best_step"] == p.best_step
     assert "merged_dir" not in res.extra
     assert len(res.generations) == 3
     check_adapter_tarball(pod)
