@@ -17,6 +17,11 @@ log = logging.getLogger(__name__)
 EVENTS_PATH = "/slack/events"
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # Slack bursts: the default backlog of 5 resets connections
+
+
 def make_client(settings: Settings) -> WebClient:
     token = settings.slack_bot_token.get_secret_value() if settings.slack_bot_token else None
     return WebClient(token=token, base_url=settings.tuner_slack_api_url)
@@ -48,9 +53,7 @@ def make_http_server(app: App, port: int, host: str = "0.0.0.0") -> ThreadingHTT
                                     http_server_logger_enabled=False)
     handler = dev._server.RequestHandlerClass  # bolt's SlackAppHandler
     dev._server.server_close()
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    return _Server((host, port), handler)
 
 
 def serve_socket_mode(app: App, app_token: str) -> None:

@@ -23,6 +23,7 @@ class ThreadWorker:
         self._max_queued = max_queued
         self._queued = 0
         self._idle = threading.Condition(self._lock)
+        self._closed = False
         # separate pool so urgent clicks never wait behind long per-thread work
         self._urgent = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tuner-urgent")
 
@@ -33,7 +34,7 @@ class ThreadWorker:
             return fn(*args, **kwargs)
 
         with self._lock:
-            if self._queued >= self._max_queued:
+            if self._closed or self._queued >= self._max_queued:
                 return False
             self._queued += 1
             q = self._queues.get(key)
@@ -41,12 +42,18 @@ class ThreadWorker:
                 q.append(task)
                 return True
             self._queues[key] = deque([task])
-        self._pool.submit(self._drain, key)
+        try:
+            self._pool.submit(self._drain, key)
+        except RuntimeError:  # shut down between the check and here
+            return False
         return True
 
     def run_now(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Unserialized work (e.g. a Stop click) that must not queue behind a busy thread."""
-        self._urgent.submit(self._safe, fn, *args, **kwargs)
+        try:
+            self._urgent.submit(self._safe, fn, *args, **kwargs)
+        except RuntimeError:  # shut down
+            log.warning("worker closed; dropped urgent task")
 
     def _safe(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         try:
@@ -77,5 +84,7 @@ class ThreadWorker:
             return self._idle.wait_for(lambda: not self._queues, timeout=timeout)
 
     def shutdown(self, wait: bool = True) -> None:
+        with self._lock:
+            self._closed = True
         self._pool.shutdown(wait=wait)
         self._urgent.shutdown(wait=wait)
