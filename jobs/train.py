@@ -90,6 +90,7 @@ class JobState:
         self.thread: threading.Thread | None = None
         self._secrets = [s for s in secrets if s]
         self._started = 0.0
+        self.final_eval_loss: float | None = None  # val loss of the kept (best) model
 
     # -- progress ---------------------------------------------------------
     def snapshot(self) -> Progress:
@@ -461,6 +462,9 @@ def train_model(job: JobRequest, state: JobState, model: Any, tokenizer: Any, ba
         callbacks=callbacks,
     )
     trainer.train()
+    # Re-evaluate the model we keep: equals the best eval loss iff the best checkpoint was reloaded.
+    final = trainer.evaluate(metric_key_prefix="final").get("final_loss")
+    state.final_eval_loss = float(final) if final is not None else None
     return trainer.model, getattr(trainer.state, "best_global_step", None)
 
 
@@ -587,7 +591,13 @@ def run_job(job: JobRequest, state: JobState) -> Results:
         generations=generations,
         artifacts=artifacts,
         hf_repo=job.config.hf_repo if extra.get("hf_pushed") else None,
-        extra={"backend": backend, "steps": p.step, "trainer_best_step": trainer_best_step, **extra},
+        extra={
+            "backend": backend,
+            "steps": p.step,
+            "trainer_best_step": trainer_best_step,
+            "final_eval_loss": state.final_eval_loss,
+            **extra,
+        },
     )
 
 

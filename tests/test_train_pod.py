@@ -185,7 +185,8 @@ def test_train_succeeds_with_decreasing_eval_loss(start_pod: Callable[..., Pod])
     res = Results.model_validate_json(pod.http.get("/results").content)
     assert res.state == "succeeded" and res.job_id == "job-ok"
     assert res.best_step == p.best_step and res.best_eval_loss == p.best_eval_loss
-    assert res.extra["trainer_best_step"] == p.best_step  # the trainer agrees (load_best_model_at_end reloads it)
+    assert res.extra["trainer_best_step"] == p.best_step
+    assert res.extra["final_eval_loss"] == pytest.approx(p.best_eval_loss, rel=1e-4)  # best weights kept
     assert [g.id for g in res.generations] == ["p0", "p1", "p2"]
     assert all(isinstance(g.output, str) for g in res.generations)
     assert any(g.output.strip() for g in res.generations)
@@ -222,6 +223,7 @@ def test_stop_keeps_best_checkpoint(start_pod: Callable[..., Pod]) -> None:
     assert res.state == "stopped"
     assert res.best_eval_loss == p.best_eval_loss and res.best_step == p.best_step
     assert res.extra["trainer_best_step"] == p.best_step
+    assert res.extra["final_eval_loss"] == pytest.approx(p.best_eval_loss, rel=1e-4)
     assert "merged_dir" not in res.extra
     assert len(res.generations) == 3
     check_adapter_tarball(pod)
@@ -252,3 +254,29 @@ def test_assistant_turn_required(start_pod: Callable[..., Pod]) -> None:
     assert pod.http.post("/job", json=body).status_code == 202
     p = pod.wait(lambda p: p.state in TERMINAL_STATES, timeout=30)
     assert p.state == "failed" and p.error is not None and "val[3]" in p.error
+
+
+def test_early_stopping_keeps_best_not_last(start_pod: Callable[..., Pod]) -> None:
+    """8 training rows + a high learning rate overfit fast: val loss turns up, patience stops the
+    run, and the model kept is the best checkpoint, not the last one."""
+    pod = start_pod()
+    body = job_body(
+        "job-es", max_steps=400, eval_steps=5, batch_size=4, learning_rate=2e-2,
+        early_stopping_patience=2, warmup_ratio=0.0, save_merged=False,
+    )
+    body["train"] = body["train"][:8]
+    assert pod.http.post("/job", json=body).status_code == 202
+    p = pod.wait(lambda p: p.state in TERMINAL_STATES)
+    assert p.state == "succeeded", p.error
+    assert p.step < 400  # stopped early
+    steps = [s for s, _ in p.eval_loss]
+    losses = [loss for _, loss in p.eval_loss]
+    best_i = losses.index(min(losses))
+    assert p.best_step == steps[best_i] and p.best_eval_loss == losses[best_i]
+    assert len(losses) - 1 - best_i == 2  # exactly `patience` evals without improvement
+    assert losses[-1] > p.best_eval_loss
+    res = Results.model_validate_json(pod.http.get("/results").content)
+    assert res.best_step == p.best_step < p.step
+    final = res.extra["final_eval_loss"]
+    assert final == pytest.approx(p.best_eval_loss, rel=1e-4)  # best weights reloaded...
+    assert final != pytest.approx(losses[-1], rel=1e-3)  # ...not the last ones
