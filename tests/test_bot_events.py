@@ -213,3 +213,85 @@ def test_ask_renders_cards_with_interrupt_id(fake: FakeSlack, db: Database,
         assert msg["text"] == "What inputs does it get?"
     if payload["kind"] == "samples":
         assert "p7" in text and "round 2" in text
+
+
+# ---------------------------------------------------------------------- end to end
+def _card(fake: FakeSlack, action_id: str) -> list[dict]:
+    with fake._lock:
+        return [m for m in fake.messages
+                if any(e.get("action_id") == action_id for b in m.get("blocks") or []
+                       if b.get("type") == "actions" for e in b["elements"])]
+
+
+def test_real_runner_over_slack_wire(fake: FakeSlack, tmp_path) -> None:
+    """Mention (twice + retry) -> one project; thread reply -> spec card; double click on
+    Looks good -> resumed once; Approve -> data generated -> launch step explains that
+    training is not configured. Real AgentRunner, ClaudeClient over FakeAnthropic."""
+    import threading
+
+    from sqlmodel import func
+
+    from agent.context import AgentContext
+    from agent.runner import AgentRunner
+    from bot.app import EVENTS_PATH, make_http_server
+    from jobs.claude import ClaudeClient
+    from storage.models import Project
+    from tests.fakes.anthropic_fake import API_KEY, FakeAnthropic
+    from tests.fakes.slack_fake import SIGNING_SECRET, message_event, post_signed
+    from tests.test_graph import ScriptedClaude
+
+    claude = ScriptedClaude(questions=1, example_count=40)
+    with FakeAnthropic.running(claude) as anth:
+        settings = Settings(_env_file=None, slack_bot_token=BOT_TOKEN,  # type: ignore[call-arg]
+                            slack_signing_secret=SIGNING_SECRET,
+                            tuner_slack_api_url=fake.base_url, anthropic_api_key=API_KEY,
+                            anthropic_base_url=anth.base_url,
+                            database_url=f"sqlite:///{tmp_path}/e2e.db")
+        db = Database(settings.database_url)
+        client = WebClient(token=BOT_TOKEN, base_url=fake.base_url)
+        llm = ClaudeClient(settings, db, max_retries=0)
+        runner = AgentRunner(AgentContext(db=db, settings=settings, llm=llm,
+                                          notifier=SlackNotifier(client, db),
+                                          progress_interval_s=0.05))
+        worker = ThreadWorker(max_workers=4)
+        app = create_app(settings, runner, Services(db=db, worker=worker), client=client)
+        server = make_http_server(app, 0, host="127.0.0.1")
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}{EVENTS_PATH}"
+        try:
+            app_mention, message = mention_pair("U1", CH, "100.000001", "triage tickets")
+            for p, retry in ((app_mention, None), (message, None), (app_mention, 1)):
+                assert post_signed(url, p, retry_num=retry).status == 200
+            fake.wait_for(lambda: any(m["text"] == "Question 1?"
+                                      for m in fake.thread(CH, "100.000001")), 15)
+            assert worker.wait_idle(10)
+            with db.session() as s:
+                assert s.exec(select(func.count()).select_from(Project)).one() == 1
+            assert [m["text"] for m in fake.thread(CH, "100.000001")].count("Question 1?") == 1
+
+            post_signed(url, message_event("U1", CH, "100.000002", "a ticket in, one label out",
+                                           thread_ts="100.000001"))
+            (spec,) = fake.wait_for(lambda: _card(fake, B.SPEC_APPROVE), 15)
+            btn = next(e for b in spec["blocks"] if b["type"] == "actions" for e in b["elements"]
+                       if e["action_id"] == B.SPEC_APPROVE)
+            click = block_action(B.SPEC_APPROVE, btn["value"], user="U1", channel=CH,
+                                 message=spec)
+            assert post_signed(url, click, kind="interactive").status == 200
+            assert post_signed(url, click, kind="interactive").status == 200
+            (samples,) = fake.wait_for(lambda: _card(fake, B.SAMPLES_APPROVE), 15)
+            eph = fake.wait_for(lambda: fake.ephemerals, 10)
+            assert eph[0]["text"] == ALREADY_HANDLED
+            btn = next(e for b in samples["blocks"] if b["type"] == "actions"
+                       for e in b["elements"] if e["action_id"] == B.SAMPLES_APPROVE)
+            post_signed(url, block_action(B.SAMPLES_APPROVE, btn["value"], user="U1",
+                                          channel=CH, message=samples), kind="interactive")
+            warn = fake.wait_for(lambda: [m for m in fake.thread(CH, "100.000001")
+                                          if "not configured" in m["text"]], 30)
+            assert warn[0]["text"].startswith(":warning:")
+            assert API_KEY not in json.dumps(fake.messages)
+        finally:
+            server.shutdown()
+            server.server_close()
+            worker.wait_idle(10)
+            worker.shutdown(wait=False)
+            runner.close()
