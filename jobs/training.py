@@ -68,11 +68,16 @@ EST_TOKENS_PER_S = 2500.0
 EST_CHARS_PER_TOKEN = 4.0
 EST_PRICE_SAFETY = 1.2  # estimates round up: 20% headroom
 
-POD_PIP = "'transformers>=5' 'peft>=0.17' 'trl>=0.20' accelerate pydantic"
+# unsloth (QLoRA on CUDA) brings compatible transformers/peft/trl/bitsandbytes; if it
+# cannot be installed on the image, train.py falls back to plain transformers+peft+trl.
+POD_PIP = (
+    "{ pip install -q unsloth pydantic || pip install -q 'transformers>=5' 'peft>=0.17' "
+    "'trl>=0.20' accelerate bitsandbytes pydantic; }"
+)
 POD_START_CMD = (
     'bash -c "mkdir -p /opt/tuner && cd /opt/tuner && python3 -c '
     "\\\"import base64,io,os,tarfile; tarfile.open(fileobj=io.BytesIO(base64.b64decode("
-    "os.environ['TUNER_TRAIN_B64']))).extractall()\\\" && pip install -q "
+    "os.environ['TUNER_TRAIN_B64']))).extractall()\\\" && "
     + POD_PIP
     + ' && exec python3 -m jobs.train"'
 )
