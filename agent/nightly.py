@@ -8,9 +8,9 @@ Data: the frozen test split is every `test` example of the project; new examples
 `train`). Because the trainer trains on `Example.dataset_id == run.dataset_id`, the
 project's examples are re-pointed at the new nightly Dataset (split labels unchanged).
 
-Champion outputs: taken from `Run.config["generations"]` (this service stores them for
-its own runs). If the champion has none (e.g. it predates nightly), both models are
-compared through their preference score against the reference outputs instead.
+Champion outputs: `Run.config["generations"]`, stored by the trainer for every run. If the
+champion has none, both models are compared through their preference score against the
+reference outputs instead.
 """
 
 from __future__ import annotations
@@ -115,7 +115,6 @@ class NightlyService:
         outcome = self.trainer.run(run_id, lambda _snap: None)
         if outcome.status not in ("succeeded", "stopped"):
             return "failed", f"failed: training run {run_id} {outcome.status}: {outcome.error or 'no detail'}.", run_id
-        self._store_generations(run_id, outcome.generations)
         test_ids = self._frozen_test_ids(pid)
         gens = {k: v for k, v in outcome.generations.items() if int(k) in test_ids}
         if not gens:
@@ -203,15 +202,6 @@ class NightlyService:
             s.add(ds)
             s.commit()
             return int(ds.id)  # type: ignore[arg-type]
-
-    def _store_generations(self, run_id: int, generations: dict[str, str]) -> None:
-        with self.db.session() as s:
-            run = s.get(Run, run_id)
-            if run is None:
-                return
-            run.config = {**(run.config or {}), "generations": dict(generations)}
-            s.add(run)
-            s.commit()
 
     def _spent_since(self, project_id: int, since: Any) -> float:
         with self.db.session() as s:

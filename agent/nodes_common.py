@@ -44,6 +44,14 @@ _SECRETS = [
 ]
 
 
+class RunDetached(Exception):
+    """The bot is shutting down while a run trains: leave the node unfinished.
+
+    The pod keeps running; after the restart `AgentRunner.recover()` re-enters the
+    train node and the trainer re-attaches to the same pod.
+    """
+
+
 class NotConfiguredError(RuntimeError):
     """A service the step needs was not wired (its API key is missing)."""
 
@@ -71,7 +79,7 @@ def guarded(name: str, on_error: str | Callable[[AgentState], str]) -> Callable[
         def wrapper(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
             try:
                 return fn(state, runtime)
-            except GraphBubbleUp:
+            except (GraphBubbleUp, RunDetached):
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure must reach the user
                 log.exception("node %s failed for %s", name, state.get("thread_id"))

@@ -42,6 +42,23 @@ def judge_text(result: Any, threshold: float, eval_loss: float | None) -> str:
     return "\n".join(lines)
 
 
+def _maybe_crown(ctx: AgentContext, project_id: int, run_id: int, result: Any) -> None:
+    """The first judged model becomes the champion; later ones when the verdict promotes.
+
+    Nightly retrains are compared against the champion.
+    """
+    from jobs.judge import verdict
+    from storage.models import Project
+
+    promote, _ = verdict(result, ctx.settings.tuner_promotion_threshold)
+    with ctx.db.session() as s:
+        project = s.get(Project, project_id)
+        if project is not None and (promote or project.champion_run_id is None):
+            project.champion_run_id = run_id
+            s.add(project)
+            s.commit()
+
+
 @guarded("judge", "retry_wait")
 def judge(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
     ctx = runtime.context
@@ -54,6 +71,7 @@ def judge(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
         return Command(goto="offer_deploy")
     set_project(ctx, state["project_id"], status="judging")
     result = ctx.judge.judge_run(state["run_id"], generations)
+    _maybe_crown(ctx, state["project_id"], state["run_id"], result)
     ctx.notifier.say(
         state["thread_id"],
         judge_text(result, ctx.settings.tuner_promotion_threshold, state.get("best_eval_loss")),

@@ -10,7 +10,14 @@ from langgraph.runtime import Runtime
 from langgraph.types import Command, interrupt
 
 from agent.context import AgentContext, Trainer
-from agent.nodes_common import NotConfiguredError, action_of, guarded, route_import, set_project
+from agent.nodes_common import (
+    NotConfiguredError,
+    RunDetached,
+    action_of,
+    guarded,
+    route_import,
+    set_project,
+)
 from agent.ports import Action
 from agent.state import AgentState
 from jobs.types import BudgetExceededError, RunSnapshot
@@ -137,6 +144,8 @@ def train(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
     assert run_id is not None
     watch = _Watch(ctx, state["thread_id"], run_id)
     outcome = _trainer(ctx).run(run_id, watch)
+    if outcome.status == "detached":
+        raise RunDetached(f"run {run_id} detached")
     final = watch.last or RunSnapshot(run_id=run_id, state=outcome.status)
     final = dataclasses.replace(
         final, state=outcome.status, cost_usd=max(final.cost_usd, outcome.cost_usd),

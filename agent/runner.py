@@ -19,7 +19,7 @@ from sqlmodel import select
 
 from agent.context import AgentContext
 from agent.graph import build_graph, make_checkpointer
-from agent.nodes_common import human_error
+from agent.nodes_common import RunDetached, human_error
 from storage.models import Project
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,9 @@ class AgentRunner:
             self.graph.invoke(
                 graph_input, self._config(tid), context=self.ctx, durability="sync"
             )
+        except RunDetached:
+            log.info("%s detached from its training run; recover() re-attaches", tid)
+            return
         except Exception as exc:  # noqa: BLE001 - report, keep the thread resumable
             log.exception("graph step failed for %s", tid)
             self.ctx.notifier.error(tid, f"Something went wrong: {human_error(exc)}")

@@ -65,6 +65,8 @@ class Services:
     worker: ThreadWorker = field(default_factory=ThreadWorker)
     # human-readable notes about services that are not configured (shown by /tuner status)
     missing: list[str] = field(default_factory=list)
+    # the nightly scheduler (None when training or judging is not configured)
+    scheduler: Any | None = None
 
 
 # resume values per button
@@ -249,8 +251,27 @@ class Handlers:
             if self.services.missing:
                 text += "\n*Not configured*: " + "; ".join(self.services.missing)
             ack(response_type="ephemeral", text=text)
+        elif sub == "nightly":
+            ack(response_type="ephemeral", text=self._nightly(command.get("user_id", ""), words[1:]))
         else:
             ack(response_type="ephemeral", text=HELP_TEXT)
+
+    def _nightly(self, user: str, args: list[str]) -> str:
+        from jobs.scheduler import set_nightly
+
+        if len(args) != 2 or args[0].lower() not in ("on", "off") or not args[1].isdigit():
+            return "Usage: `/tuner nightly on|off <project id>` (ids are in `/tuner status`)."
+        if not self.settings.user_allowed(user):
+            return NOT_AUTHORISED
+        if self.services.scheduler is None:
+            return "Nightly retrains need Claude and RunPod to be configured (see `/tuner status`)."
+        on = args[0].lower() == "on"
+        project = set_nightly(self.db, int(args[1]), on, self.services.scheduler, self.settings)
+        if project is None:
+            return f"No project {args[1]}."
+        when = f"{self.settings.tuner_nightly_hour_utc:02d}:00 UTC"
+        return (f"Nightly retrain for project {project.id} is on (every day at {when})."
+                if on else f"Nightly retrain for project {project.id} is off.")
 
     # ------------------------------------------------------------------ work (worker threads)
     def _resume(

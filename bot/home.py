@@ -11,6 +11,7 @@ HELP_TEXT = (
     "• Answer my questions in the thread; use the buttons to approve, launch and deploy.\n"
     "• Upload a .jsonl file (prompt/response per line) in the thread to import examples.\n"
     "• `/tuner status` – projects, runs, deployments and spend.\n"
+    "• `/tuner nightly on|off <project id>` – nightly retrain on new data, reported here.\n"
     "• `/tuner help` – this message."
 )
 

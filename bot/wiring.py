@@ -35,6 +35,7 @@ class Wired:
     notifier: Any
     reaper: Any | None = None
     scheduler: Any | None = None
+    trainer: Any | None = None
     missing: list[str] = field(default_factory=list)
 
     def start_background(self) -> list[str]:
@@ -52,6 +53,10 @@ class Wired:
         return list(self.runner.recover())
 
     def close(self) -> None:
+        """Graceful stop: training watches detach (pods keep running and are re-attached
+        by `recover()` on the next start); nothing else is left half-done."""
+        if self.trainer is not None:
+            self.trainer.detach()
         if self.reaper is not None:
             self.reaper.stop(timeout=2)
         if self.scheduler is not None and self.scheduler.running:
@@ -119,4 +124,7 @@ def build(settings: Settings, *, artifacts_dir: Path | None = None) -> Wired:
 
         nightly = NightlyService(db, settings, llm, trainer, judge, notifier)
         scheduler = build_scheduler(settings, settings.database_url, nightly.run)
-    return Wired(settings, db, app, runner, services, notifier, reaper, scheduler, missing)
+        services.scheduler = scheduler
+    return Wired(
+        settings, db, app, runner, services, notifier, reaper, scheduler, trainer, missing
+    )

@@ -99,3 +99,24 @@ def sync_jobs(scheduler: BackgroundScheduler, db: Database, settings: Settings |
         if job.id.startswith(JOB_PREFIX) and job.id not in wanted:
             scheduler.remove_job(job.id)
     return sorted(wanted)
+
+
+def set_nightly(
+    db: Database,
+    project_id: int,
+    enabled: bool,
+    scheduler: BackgroundScheduler | None = None,
+    settings: Settings | None = None,
+) -> Project | None:
+    """Opt a project in or out of nightly retrains and re-sync the scheduler's jobs."""
+    with db.session() as s:
+        project = s.get(Project, project_id)
+        if project is None:
+            return None
+        project.nightly_enabled = enabled
+        s.add(project)
+        s.commit()
+        s.refresh(project)
+    if scheduler is not None:
+        sync_jobs(scheduler, db, settings)
+    return project

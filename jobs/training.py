@@ -450,23 +450,23 @@ class TrainingService:
         results = client.results()
         out_dir = self.artifacts_dir / f"run_{run.id}"
         out_dir.mkdir(parents=True, exist_ok=True)
-        artifact_uri = None
+        adapter_dir = None
         if ADAPTER_ARTIFACT in results.artifacts:
             (out_dir / ADAPTER_ARTIFACT).write_bytes(client.artifact(ADAPTER_ARTIFACT))
-            artifact_uri = str(out_dir)
-        elif results.hf_repo:
-            artifact_uri = f"hf://{results.hf_repo}"
+            adapter_dir = str(out_dir)
+        # Deployment pulls the merged model from the Hub, so a pushed repo wins.
+        artifact_uri = f"hf://{results.hf_repo}" if results.hf_repo else adapter_dir
         gens = {g.id: g.output for g in results.generations}
         run = self._update(
             run.id, status=results.state if results.state in ("succeeded", "stopped") else p.state,
             best_eval_loss=results.best_eval_loss, best_step=results.best_step,
             artifact_uri=artifact_uri, ended_at=utcnow(),
-            config={**(run.config or {}), "hf_repo": results.hf_repo},
+            # generations are kept on the run: the judge and later nightly comparisons
+            # against this run (as champion) read them from here.
+            config={**(run.config or {}), "hf_repo": results.hf_repo, "adapter_dir": adapter_dir,
+                    "hf_error": results.extra.get("hf_error"), "generations": gens},
         )
-        outcome = self._outcome(run)
-        outcome.generations = gens
-        outcome.hf_repo = results.hf_repo
-        return outcome
+        return self._outcome(run)
 
     def _crash_text(self, pod_id: str | None, exc: Exception) -> str:
         if isinstance(exc, PodError):
@@ -491,6 +491,7 @@ class TrainingService:
             run_id=int(run.id),  # type: ignore[arg-type]
             status=run.status, best_eval_loss=run.best_eval_loss, best_step=run.best_step,
             artifact_uri=run.artifact_uri, hf_repo=(run.config or {}).get("hf_repo"),
+            generations=dict((run.config or {}).get("generations") or {}),
             cost_usd=pod_seconds(run, run.ended_at) * (run.price_per_hour or 0.0) / 3600.0,
             error=run.error,
         )
