@@ -95,23 +95,30 @@ class _Throttle:
 
 
 def _finish_dataset(
-    state: AgentState, ctx: AgentContext, pairs: list[Any], source: str, label: str
+    state: AgentState, ctx: AgentContext, pairs: list[Any], source: str, label: str,
+    stats: Any = None,
 ) -> dict[str, Any]:
-    """dedup -> validate -> split -> store -> upload train JSONL -> summary."""
+    """dedup -> validate -> split -> store -> upload train JSONL -> summary.
+
+    `stats` (agent.data.GenerationStats) adds what generation already dropped on the way.
+    """
     from agent.data import dedup, split, store_dataset, to_jsonl, validate
 
     project_id = state["project_id"]
     spec = state.get("spec") or {}
     max_tokens = int(spec.get("max_output_tokens") or DEFAULT_MAX_TOKENS)
     deduped = dedup(pairs)
-    n_dupes = _count(deduped.exact_dupes) + _count(deduped.near_dupes)
+    n_exact = _count(deduped.exact_dupes) + (stats.exact_dupes if stats else 0)
+    n_near = _count(deduped.near_dupes) + (stats.near_dupes if stats else 0)
+    n_dupes = n_exact + n_near
     valid, invalid = validate(list(deduped.kept), max_tokens)
+    n_invalid = len(invalid) + (stats.invalid if stats else 0)
     if not valid:
         raise ValueError(f"no usable examples left ({len(pairs)} in, {n_dupes} duplicates, "
                          f"{len(invalid)} invalid)")
     seed = project_id
     splits = split(valid, seed)
-    dataset = store_dataset(ctx.db, project_id, splits, source, seed, n_dupes, len(invalid))
+    dataset = store_dataset(ctx.db, project_id, splits, source, seed, n_dupes, n_invalid)
     name = str(spec.get("name") or "dataset")
     body = to_jsonl(splits["train"], str(spec.get("system_prompt") or ""))
     ctx.notifier.upload(
@@ -121,8 +128,8 @@ def _finish_dataset(
     ctx.notifier.say(
         state["thread_id"],
         f"{label}: {len(pairs)} examples in, {n_dupes} duplicates dropped "
-        f"(exact {_count(deduped.exact_dupes)}, near {_count(deduped.near_dupes)}), "
-        f"{len(invalid)} invalid dropped. Split: {len(splits['train'])} train / "
+        f"(exact {n_exact}, near {n_near}), "
+        f"{n_invalid} invalid dropped. Split: {len(splits['train'])} train / "
         f"{len(splits['val'])} val / {len(splits['test'])} test.",
     )
     set_project(ctx, project_id, status="ready")
@@ -131,7 +138,7 @@ def _finish_dataset(
 
 @guarded("generate", "review")
 def generate(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
-    from agent.data import generate_dataset
+    from agent.data import GenerationStats, generate_dataset
 
     ctx = runtime.context
     spec = _spec(state)
@@ -139,12 +146,16 @@ def generate(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
     set_project(ctx, state["project_id"], status="generating")
     progress = _Throttle(ctx, state["thread_id"], ctx.progress_interval_s)
     progress(0, n)
+    stats = GenerationStats()
     pairs = generate_dataset(
         ctx.llm, spec, list(state.get("guidelines", [])), n,
         concurrency=ctx.settings.tuner_generation_concurrency,
-        project_id=state["project_id"], on_progress=progress,
+        project_id=state["project_id"], on_progress=progress, stats=stats,
     )
-    update = _finish_dataset(state, ctx, pairs, "synthetic", "Dataset ready")
+    if len(pairs) < n:
+        ctx.notifier.say(state["thread_id"], f"Generation stopped at {len(pairs)} of {n} unique "
+                         "examples (call cap reached); continuing with what we have.")
+    update = _finish_dataset(state, ctx, pairs, "synthetic", "Dataset ready", stats)
     return Command(goto="estimate", update=update)
 
 

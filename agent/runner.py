@@ -20,10 +20,12 @@ from sqlmodel import select
 from agent.context import AgentContext
 from agent.graph import build_graph, make_checkpointer
 from agent.nodes_common import RunDetached, human_error
+from agent.nodes_data import DEFAULT_MAX_TOKENS
 from storage.models import Project
 
 log = logging.getLogger(__name__)
 
+IMPORT_LOCK_WAIT_S = 2.0  # a training thread holds its lock for hours: don't wait for it
 TEXT_ACTIONS = {"question": "answer", "spec": "change", "samples": "regenerate", "retry": "retry"}
 _MENTION = re.compile(r"<@[A-Z0-9]+>\s*")
 
@@ -91,19 +93,27 @@ class AgentRunner:
             return True
 
     def import_file(self, thread_id: str, user: str, filename: str, content: bytes) -> bool:
-        """A file shared in the thread: imported at whatever point the thread waits."""
-        with self._locked(thread_id) as ok:
-            pending = self._interrupts(thread_id) if ok else []
-            if not pending:
-                return False
-            value = {
-                "action": "import",
-                "filename": filename,
-                "content": content.decode("utf-8", errors="replace"),
-                "user": user,
-            }
-            self._invoke(thread_id, Command(resume={pending[0].id: value}))
-            return True
+        """A file shared in the thread: imported at whatever point the thread waits.
+
+        When nothing waits (the project finished, or a run is training) the examples are
+        added to the project for the next retrain (nightly or a new launch).
+        """
+        lock = self._lock(thread_id)
+        if lock.acquire(timeout=IMPORT_LOCK_WAIT_S):
+            try:
+                pending = self._interrupts(thread_id)
+                if pending:
+                    value = {
+                        "action": "import",
+                        "filename": filename,
+                        "content": content.decode("utf-8", errors="replace"),
+                        "user": user,
+                    }
+                    self._invoke(thread_id, Command(resume={pending[0].id: value}))
+                    return True
+            finally:
+                lock.release()
+        return self._add_examples(thread_id, filename, content)
 
     def pending(self, thread_id: str) -> list[tuple[str, dict[str, Any]]]:
         return [(i.id, i.value) for i in self._interrupts(thread_id)]
@@ -141,6 +151,31 @@ class AgentRunner:
             self._conn = None
 
     # ---- internals --------------------------------------------------------------
+
+    def _add_examples(self, tid: str, filename: str, content: bytes) -> bool:
+        """Store an upload as new training examples of an existing project (no graph step)."""
+        from agent.data import dedup, parse_import, store_dataset, validate
+
+        project_id = self._project_id(tid)
+        if project_id is None:
+            return False
+        notifier = self.ctx.notifier
+        try:
+            pairs = parse_import(filename, content)
+        except ValueError as exc:
+            notifier.error(tid, f"Couldn't import {filename}: {exc}")
+            return True
+        deduped = dedup(pairs)
+        valid, invalid = validate(list(deduped.kept), DEFAULT_MAX_TOKENS)
+        ds = store_dataset(self.ctx.db, project_id, {"train": valid}, "import", project_id,
+                           deduped.dropped, len(invalid))
+        notifier.say(
+            tid,
+            f"Added {ds.n_train} new examples from {filename} "
+            f"({len(pairs) - ds.n_train} duplicates, invalid or already known). They are used "
+            f"by the next retrain (`/tuner nightly on {project_id}` retrains nightly).",
+        )
+        return True
 
     def _recover_one(self, tid: str) -> None:
         with self._locked(tid) as ok:

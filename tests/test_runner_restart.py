@@ -114,3 +114,35 @@ def test_process_killed_during_generation_is_recovered(env: Env) -> None:
         assert runner.recover(wait=True) == []  # nothing left to recover
     finally:
         runner.close()
+
+
+def test_import_when_nothing_waits_adds_examples_for_next_retrain(env: Env) -> None:
+    from storage.models import Example, Project
+
+    with env.db.session() as s:
+        s.add(Project(thread_id=TID, team_id="T1", channel_id="C1", thread_ts="100.1",
+                      created_by="U1"))
+        s.commit()
+    rows = [{"prompt": f"ticket {i} about {w}", "response": f"label {w}"}
+            for i, w in enumerate(["billing", "bug", "login", "refund"])]
+    body = ("\n".join(json.dumps(r) for r in rows + rows[:1]) + "\n").encode()
+    # the thread is busy (a training run holds its lock): the upload must not wait for it
+    lock = env.runner._lock(TID)
+    lock.acquire()
+    try:
+        t0 = time.monotonic()
+        assert env.runner.import_file(TID, "U1", "more.jsonl", body)
+        assert time.monotonic() - t0 < 10
+    finally:
+        lock.release()
+    with env.db.session() as s:
+        stored = s.exec(select(Example).where(Example.source == "import")).all()
+    assert sorted(e.prompt for e in stored) == sorted(r["prompt"] for r in rows)
+    assert {e.split for e in stored} == {"train"}
+    assert "Added 4 new examples from more.jsonl" in env.notifier.texts("say")[-1]
+    # the same file again adds nothing new
+    assert env.runner.import_file(TID, "U1", "more.jsonl", body)
+    assert "Added 0 new examples" in env.notifier.texts("say")[-1]
+    assert env.runner.import_file(TID, "U1", "bad.jsonl", b"{not json\n")
+    assert "Couldn't import bad.jsonl" in env.notifier.texts("error")[-1]
+    assert not env.runner.import_file("T1:C9:1.1", "U1", "x.jsonl", body)  # no project
