@@ -112,14 +112,15 @@ def make_settings(fake: FakeSlack, tmp_path: Any, **kw: Any) -> Settings:
 def make_bot(tmp_path: Any):
     started: list[Any] = []
 
-    def factory(**settings_kw: Any) -> Bot:
+    def factory(scheduler: Any = None, **settings_kw: Any) -> Bot:
         fake = FakeSlack().start()
         settings = make_settings(fake, tmp_path, **settings_kw)
         db = Database(settings.database_url)
         runner = ScriptedRunner(db)
         worker = ThreadWorker(max_workers=4)
         training = StopRecorder()
-        app = create_app(settings, runner, Services(db=db, training=training, worker=worker))
+        app = create_app(settings, runner, Services(db=db, training=training, worker=worker,
+                                                    scheduler=scheduler))
         server = make_http_server(app, 0, host="127.0.0.1")
         threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         started.append((fake, server, worker))
@@ -382,3 +383,37 @@ def test_app_home_opened_publishes_summary(make_bot) -> None:
     pub = bot.fake.wait_for(lambda: [v for v in bot.fake.views if v["kind"] == "publish"])
     assert pub[0]["user_id"] == "U1" and pub[0]["view"]["type"] == "home"
     assert "$2.00" in json.dumps(pub[0]["view"])
+
+
+def test_tuner_nightly_on_off_schedules_the_project(make_bot, tmp_path) -> None:
+    from jobs.scheduler import build_scheduler, job_id
+
+    url = f"sqlite:///{tmp_path}/tuner.db"
+    scheduler = build_scheduler(Settings(_env_file=None, database_url=url), url)  # type: ignore[call-arg]
+    scheduler.start(paused=True)
+    try:
+        bot = make_bot(scheduler=scheduler, tuner_allowed_users="U1")
+        with bot.db.session() as s:
+            p = Project(thread_id=f"{TEAM_ID}:{CH}:2.0", team_id=TEAM_ID, channel_id=CH,
+                        thread_ts="2.0", created_by="U1")
+            s.add(p)
+            s.commit()
+            s.refresh(p)
+
+        def cmd(text: str, user: str = "U1") -> str:
+            r = bot.post(slash_command(text, user=user, channel=CH), kind="command")
+            return json.loads(r.body)["text"]
+
+        assert "not authorised" in cmd(f"nightly on {p.id}", user="U2")
+        assert scheduler.get_job(job_id(p.id)) is None
+        assert "is on" in cmd(f"nightly on {p.id}")
+        job = scheduler.get_job(job_id(p.id))
+        assert job is not None and job.args == (p.id,)
+        with bot.db.session() as s:
+            assert s.get(Project, p.id).nightly_enabled
+        assert "Usage" in cmd("nightly maybe")
+        assert "No project 999" in cmd("nightly on 999")
+        assert "is off" in cmd(f"nightly off {p.id}")
+        assert scheduler.get_job(job_id(p.id)) is None
+    finally:
+        scheduler.shutdown(wait=False)
