@@ -7,9 +7,11 @@ resume the graph once; the second sees a stale interrupt id and gets False.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -28,6 +30,10 @@ log = logging.getLogger(__name__)
 IMPORT_LOCK_WAIT_S = 2.0  # a training thread holds its lock for hours: don't wait for it
 TEXT_ACTIONS = {"question": "answer", "spec": "change", "samples": "regenerate", "retry": "retry"}
 _MENTION = re.compile(r"<@[A-Z0-9]+>\s*")
+
+
+class RunnerClosed(RuntimeError):
+    """The runner is shutting down; no new graph steps start."""
 
 
 def make_thread_id(team: str, channel: str, thread_ts: str) -> str:
@@ -51,6 +57,9 @@ class AgentRunner:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._background: list[threading.Thread] = []
+        self._active = 0  # graph steps in flight; close() waits for them
+        self._active_cv = threading.Condition()
+        self._closed = False
 
     # ---- public API -------------------------------------------------------------
 
@@ -128,7 +137,7 @@ class AgentRunner:
             thread_ids = list(s.exec(select(Project.thread_id)).all())
         stuck = []
         for tid in thread_ids:
-            state = self.graph.get_state(self._config(tid))
+            state = self._state(tid)
             if state.next and not state.interrupts:
                 stuck.append(tid)
         for tid in stuck:
@@ -145,10 +154,25 @@ class AgentRunner:
         for t in list(self._background):
             t.join(timeout)
 
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+    def close(self, timeout: float = 30.0) -> None:
+        """Close the checkpoint connection once no graph step is using it.
+
+        Closing a sqlite3 connection under a running step crashes the process, so if steps
+        are still running after `timeout` the connection is left open (the process is
+        exiting anyway) and a warning is logged.
+        """
+        with self._active_cv:
+            self._closed = True
+        self.join(timeout)
+        with self._active_cv:
+            idle = self._active_cv.wait_for(lambda: self._active == 0, timeout)
+            if not idle:
+                log.warning("%d graph step(s) still running; checkpoint DB left open",
+                            self._active)
+                return
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     # ---- internals --------------------------------------------------------------
 
@@ -198,12 +222,37 @@ class AgentRunner:
         return {"configurable": {"thread_id": tid}}
 
     def _interrupts(self, tid: str) -> list[Interrupt]:
-        return list(self.graph.get_state(self._config(tid)).interrupts)
+        return list(self._state(tid).interrupts)
 
     def _has_state(self, tid: str) -> bool:
-        return bool(self.graph.get_state(self._config(tid)).values)
+        return bool(self._state(tid).values)
+
+    @contextlib.contextmanager
+    def _using_checkpoints(self) -> Iterator[None]:
+        """Counts users of the checkpoint connection so close() never pulls it from under one."""
+        with self._active_cv:
+            if self._closed:
+                raise RunnerClosed("the agent runner is shutting down")
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._active_cv:
+                self._active -= 1
+                self._active_cv.notify_all()
+
+    def _state(self, tid: str) -> Any:
+        with self._using_checkpoints():
+            return self.graph.get_state(self._config(tid))
 
     def _invoke(self, tid: str, graph_input: Any) -> None:
+        try:
+            with self._using_checkpoints():
+                self._invoke_counted(tid, graph_input)
+        except RunnerClosed:
+            log.warning("runner closed; not advancing %s", tid)
+
+    def _invoke_counted(self, tid: str, graph_input: Any) -> None:
         before = {i.id for i in self._interrupts(tid)}
         try:
             self.graph.invoke(

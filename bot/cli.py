@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -168,6 +169,10 @@ def projects(settings: Settings, out: TextIO | None = None) -> int:
     return 0
 
 
+def _raise_interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(settings: Settings, *, http: bool, port: int | None) -> int:
     from bot.app import serve_http, serve_socket_mode
     from bot.wiring import build
@@ -182,6 +187,7 @@ def serve(settings: Settings, *, http: bool, port: int | None) -> int:
     wired = build(settings)
     for m in wired.missing:
         logging.getLogger("tuner").warning("not configured: %s", m)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # docker/systemd stop: shut down cleanly
     recovered = wired.start_background()
     if recovered:
         logging.getLogger("tuner").info("resuming %d interrupted thread(s)", len(recovered))

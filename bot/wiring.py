@@ -64,7 +64,7 @@ class Wired:
         self.services.worker.shutdown(wait=False)
         close = getattr(self.runner, "close", None)
         if close:
-            close()
+            close()  # waits for graph steps still using the checkpoint DB
 
 
 def build(settings: Settings, *, artifacts_dir: Path | None = None) -> Wired:
