@@ -54,11 +54,14 @@ def model_ref_for(run: Run, settings: Settings) -> str:
         if repo:
             return repo
     where = f"only at {uri}" if uri else "nowhere (the run has no artifact)"
-    raise DeployError(
-        f"Run {run.id}'s model is {where}, not on the Hugging Face Hub. Serverless workers "
-        "download the model from the Hub, so set HF_TOKEN and TUNER_HF_NAMESPACE and retrain "
-        "to push the merged model there, then deploy again."
-    )
+    push_error = (run.config or {}).get("hf_error")
+    if push_error:
+        fix = (f"The push to the Hub failed on the pod ({push_error}); fix that (token scope, "
+               "namespace) and retrain, then deploy again.")
+    else:
+        fix = ("Serverless workers download the model from the Hub, so set HF_TOKEN and "
+               "TUNER_HF_NAMESPACE and retrain to push the merged model there, then deploy again.")
+    raise DeployError(f"Run {run.id}'s model is {where}, not on the Hugging Face Hub. {fix}")
 
 
 def endpoint_name(deployment: Deployment) -> str:

@@ -226,7 +226,7 @@ def test_mention_to_trained_judged_model_with_restart(world: dict[str, Any]) -> 
         # 8. Deploy: without a pushed model the thread gets a clear reason, nothing billing
         _click(slack, B.DEPLOY)
         err = _text_in_thread(slack, "Hugging Face Hub", 60)
-        assert err["text"].startswith(":warning:")
+        assert err["text"].startswith(":warning:") and "push to the Hub failed" in err["text"]
         assert world["sl"].live_endpoints == []
         everything = json.dumps(slack.messages) + json.dumps(slack.ephemerals)
         for secret in ("hf_e2e_secret", API_KEY, BOT_TOKEN, rp.api_key, run.pod_token or "x" * 40):
