@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +15,7 @@ from agent.context import AgentContext
 from agent.state import AgentState
 from jobs.llm import LLMOutputError
 from storage.models import Project
+from storage.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +35,6 @@ STEP_LABELS = {
     "undeploy": "Undeploying",
 }
 
-_SECRETS = [
-    re.compile(r"(api_key=)[^&\s\"']+", re.I),
-    re.compile(r"xox[abposr]-[A-Za-z0-9-]+"),
-    re.compile(r"xapp-[A-Za-z0-9-]+"),
-    re.compile(r"sk-ant-[A-Za-z0-9_-]+"),
-    re.compile(r"(Bearer\s+)[A-Za-z0-9._-]+", re.I),
-]
-
-
 class RunDetached(Exception):
     """The bot is shutting down while a run trains: leave the node unfinished.
 
@@ -54,12 +45,6 @@ class RunDetached(Exception):
 
 class NotConfiguredError(RuntimeError):
     """A service the step needs was not wired (its API key is missing)."""
-
-
-def redact(text: str) -> str:
-    for pat in _SECRETS:
-        text = pat.sub(lambda m: (m.group(1) if m.groups() else "") + "***", text)
-    return text
 
 
 def human_error(exc: BaseException) -> str:

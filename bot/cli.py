@@ -27,18 +27,10 @@ class Check:
         return self.required and self.status not in (OK, SKIPPED)
 
 
-def _secrets(settings: Settings) -> list[str]:
-    vals = [settings.slack_bot_token, settings.slack_app_token, settings.slack_signing_secret,
-            settings.anthropic_api_key, settings.runpod_api_key, settings.hf_token]
-    return [v.get_secret_value() for v in vals if v is not None and v.get_secret_value()]
-
-
 def _clean(settings: Settings, text: str) -> str:
-    from bot.presenter import redact
+    from storage.redact import redact
 
-    for s in _secrets(settings):
-        text = text.replace(s, "[redacted]")
-    text = redact(" ".join(text.split()))
+    text = redact(" ".join(text.split()), settings)
     return text if len(text) <= 200 else text[:200] + "…"
 
 

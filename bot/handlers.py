@@ -18,7 +18,7 @@ from sqlmodel import select
 
 from bot import blocks as B
 from bot.home import HELP_TEXT, home_view, status_text
-from bot.presenter import redact
+from storage.redact import redact
 from bot.worker import ThreadWorker
 from storage.db import Database
 from storage.models import Project

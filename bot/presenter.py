@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from typing import Any
 
@@ -16,19 +15,9 @@ from agent.ports import Action
 from bot import blocks as B
 from storage.db import Database
 from storage.models import MessageRef
+from storage.redact import redact
 
 log = logging.getLogger(__name__)
-
-_SECRET_RE = re.compile(
-    r"(xox[abposr]-[A-Za-z0-9-]+|xapp-[A-Za-z0-9-]+|sk-ant-[A-Za-z0-9_-]+|hf_[A-Za-z0-9]{8,}"
-    r"|rpa_[A-Za-z0-9]+|Bearer\s+[A-Za-z0-9._~+/=-]+)"
-)
-
-
-def redact(text: str) -> str:
-    """Mask anything that looks like a token before it reaches Slack or the logs."""
-    return _SECRET_RE.sub("[redacted]", text)
-
 
 def split_thread_id(thread_id: str) -> tuple[str, str, str | None]:
     team, channel, ts = (thread_id.split(":", 2) + ["", ""])[:3]

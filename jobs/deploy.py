@@ -20,6 +20,7 @@ from sqlmodel import select
 from jobs.serverless import PENDING, TERMINAL_BAD, TERMINAL_OK, ServerlessClient, ServerlessError
 from storage import spend
 from storage.db import Database
+from storage.redact import redact
 from storage.models import Deployment, Example, Run, utcnow
 from storage.settings import Settings
 
@@ -138,7 +139,7 @@ class DeployService:
         except (DeployError, ServerlessError) as exc:
             leftover = self._teardown(dep)
             self._save(dep, status="failed", removed_at=utcnow())
-            msg = self._redact(str(exc))
+            msg = redact(str(exc), self.settings)
             if leftover:
                 msg += f" Clean-up also failed ({leftover}); delete {endpoint_name(dep)} in the RunPod console."
             raise DeployError(msg) from exc
@@ -212,13 +213,6 @@ class DeployService:
         except ServerlessError:
             return "unknown"
         return ", ".join(f"{k} {v}" for k, v in sorted(w.items())) or "none"
-
-    def _redact(self, text: str) -> str:
-        for secret in (self.settings.hf_token, self.settings.runpod_api_key):
-            value = secret.get_secret_value() if secret is not None else ""
-            if value:
-                text = text.replace(value, "***")
-        return text
 
     def big_model_cost_per_1k(self, project_id: int) -> float | None:
         """What 1k requests cost on the big model, from the project's example sizes."""

@@ -7,7 +7,6 @@ is escaped here first. Calls are synchronous; callers run them off the event loo
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -15,6 +14,7 @@ import runpod
 from runpod.api.graphql import run_graphql_query
 from runpod.endpoint.runner import RunPodClient
 
+from jobs.runpod_api import gql_escape
 from storage.settings import Settings
 
 DEFAULT_ENDPOINT_BASE = "https://api.runpod.ai/v2"
@@ -25,11 +25,6 @@ PENDING = frozenset({"IN_QUEUE", "IN_PROGRESS"})
 
 class ServerlessError(RuntimeError):
     """A RunPod serverless API call failed."""
-
-
-def gql_escape(value: object) -> str:
-    """Escape a value for use inside a double-quoted GraphQL string literal."""
-    return json.dumps(str(value), ensure_ascii=False)[1:-1]
 
 
 class ServerlessClient:

@@ -46,7 +46,7 @@ from jobs.runpod_api import RunPodAPI, pod_is_alive
 from jobs.types import BudgetExceededError, LaunchEstimate, RunOutcome, RunSnapshot
 from storage import spend
 from storage.db import Database
-from storage.models import Dataset, Example, MetricPoint, Project, Run, TaskSpecRow, utcnow
+from storage.models import Example, MetricPoint, Project, Run, TaskSpecRow, utcnow
 from storage.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -184,7 +184,6 @@ def test_mention_to_trained_judged_model_with_restart(world: dict[str, Any]) -> 
         with bot.wired.db.session() as s:
             assert len(s.exec(select(Example)).all()) == N_EXAMPLES
         # 4. launch card -> an unauthorised click is refused, U1's launches
-        n_before = len(slack.messages)
         _click(slack, B.LAUNCH, user="U_INTRUDER")
         slack.wait_for(lambda: any("not authorised" in e["text"] for e in slack.ephemerals), 30)
         assert rp.create_attempts == []

@@ -1,0 +1,31 @@
+"""One place that masks secrets before text reaches Slack, a log line or an exception."""
+
+from __future__ import annotations
+
+import re
+
+from storage.settings import Settings
+
+MASK = "[redacted]"
+
+# token-shaped strings: Slack, Anthropic, Hugging Face, RunPod, bearer headers, ?api_key=
+_TOKEN_RE = re.compile(
+    r"xox[abposr]-[A-Za-z0-9-]+|xapp-[A-Za-z0-9-]+|sk-ant-[A-Za-z0-9_-]+|hf_[A-Za-z0-9]{8,}"
+    r"|rpa_[A-Za-z0-9]+"
+)
+_PREFIXED_RE = re.compile(r"(api_key=|Bearer\s+)[A-Za-z0-9._~+/=-]+", re.I)
+
+
+def secret_values(settings: Settings) -> list[str]:
+    fields = (settings.slack_bot_token, settings.slack_app_token, settings.slack_signing_secret,
+              settings.anthropic_api_key, settings.runpod_api_key, settings.hf_token)
+    return [v.get_secret_value() for v in fields if v is not None and v.get_secret_value()]
+
+
+def redact(text: str, settings: Settings | None = None) -> str:
+    """Mask the configured secret values (when settings are given) and token-shaped strings."""
+    if settings is not None:
+        for value in secret_values(settings):
+            text = text.replace(value, MASK)
+    text = _TOKEN_RE.sub(MASK, text)
+    return _PREFIXED_RE.sub(lambda m: m.group(1) + MASK, text)
