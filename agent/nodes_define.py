@@ -72,7 +72,12 @@ def persist_spec(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
         s.add(row)
         s.commit()
         s.refresh(row)
-    set_project(ctx, project_id, name=str(spec.get("name", "")), status="defining")
+    fields: dict[str, Any] = {"name": str(spec.get("name", "")), "status": "defining"}
+    stated = spec.get("budget_usd")
+    if isinstance(stated, (int, float)) and stated > 0:
+        # the user's own budget can lower the admin's cap, never raise it
+        fields["budget_usd"] = min(float(stated), ctx.settings.tuner_project_budget_usd)
+    set_project(ctx, project_id, **fields)
     return Command(goto="confirm", update={"spec_row_id": row.id})
 
 
