@@ -207,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = Settings()
+    from storage.redact import install_log_redaction
+
+    install_log_redaction(settings)
     if args.cmd == "doctor":
         return doctor(settings)
     if args.cmd == "projects":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 from storage.settings import Settings
@@ -29,3 +30,28 @@ def redact(text: str, settings: Settings | None = None) -> str:
             text = text.replace(value, MASK)
     text = _TOKEN_RE.sub(MASK, text)
     return _PREFIXED_RE.sub(lambda m: m.group(1) + MASK, text)
+
+
+class RedactingFilter(logging.Filter):
+    """Log filter (install on handlers) that masks secrets in every formatted record."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        super().__init__()
+        self.settings = settings
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message, self.settings)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info),
+                                     self.settings)
+        return True
+
+
+def install_log_redaction(settings: Settings | None = None) -> None:
+    """Attach a RedactingFilter to every handler of the root logger."""
+    flt = RedactingFilter(settings)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(flt)

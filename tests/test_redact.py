@@ -15,3 +15,28 @@ def test_masks_configured_values_and_token_shapes() -> None:
         assert secret not in out
     assert "Bearer [redacted]" in out and "api_key=[redacted]&x=1" in out
     assert redact("nothing secret here") == "nothing secret here"
+
+
+def test_log_filter_masks_messages_args_and_tracebacks() -> None:
+    import io
+    import logging
+
+    from storage.redact import RedactingFilter
+
+    settings = Settings(_env_file=None, anthropic_api_key=SecretStr("PLAINKEY99"))  # type: ignore[call-arg]
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactingFilter(settings))
+    log = logging.getLogger("tuner.test.redact")
+    log.addHandler(handler)
+    try:
+        log.warning("calling with %s and %s", "PLAINKEY99", "xoxb-9-zzz")
+        try:
+            raise RuntimeError("boom Bearer abc.def PLAINKEY99")
+        except RuntimeError:
+            log.exception("failed")
+    finally:
+        log.removeHandler(handler)
+    out = stream.getvalue()
+    assert "PLAINKEY99" not in out and "xoxb-9-zzz" not in out and "abc.def" not in out
+    assert "calling with [redacted] and [redacted]" in out and "RuntimeError" in out
