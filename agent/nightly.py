@@ -29,6 +29,7 @@ from jobs.types import RunOutcome, RunSnapshot
 from storage import spend
 from storage.db import Database
 from storage.models import Dataset, EvalResult, Example, NightlyRun, Project, Run, SpendEntry, utcnow
+from storage.redact import redact
 from storage.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ NIGHTLY_USER = "nightly"
 
 
 class Trainer(Protocol):
+    def active_run(self, project_id: int) -> Run | None: ...
+
     def launch(self, project_id: int, dataset_id: int, *, user_id: str) -> int: ...
 
     def run(self, run_id: int, on_progress: Callable[[RunSnapshot], None]) -> RunOutcome: ...
@@ -83,7 +86,8 @@ class NightlyService:
             status, body, run_id = self._work(project)
         except Exception as exc:  # noqa: BLE001 - always report, never crash the scheduler
             log.exception("nightly %s/%s failed", project_id, run_date)
-            status, body, run_id = "failed", f"failed: {type(exc).__name__}: {str(exc)[:300]}", None
+            detail = redact(f"{type(exc).__name__}: {exc}", self.settings)[:300]
+            status, body, run_id = "failed", f"failed: {detail}", None
         cost = self._spent_since(project_id, started)
         report = (
             f"Nightly retrain for {project.name or f'project {project_id}'} ({run_date}): {body}"
@@ -108,6 +112,8 @@ class NightlyService:
             return "skipped", "skipped: no new data.", None
         if len(new) < need:
             return "skipped", f"skipped: only {len(new)} new examples (need {need}).", None
+        if self.trainer.active_run(pid) is not None:
+            return "skipped", "skipped: a training run is already in progress for this project.", None
         if project.champion_run_id is None:
             return "failed", "failed: the project has no champion model to compare with yet.", None
         dataset_id = self._nightly_dataset(pid, new)

@@ -194,3 +194,16 @@ def test_retrain_judge_vs_champion_promotes(tmp_path, fake_runpod):
     report = notifier.texts("say")[0]
     assert "retrained on 4 new examples" in report and f"New champion: run {new_run.id}" in report
     assert "Spend for this nightly: $" in report and row.report == report
+
+
+def test_skipped_while_a_run_is_training(tmp_path, fake_runpod):
+    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    pid = _seed(db, n_new=5)
+    with db.session() as s:
+        s.add(Run(project_id=pid, status="running", pod_id="pod-busy",
+                  created_at=datetime(2020, 1, 1, tzinfo=timezone.utc)))
+        s.commit()
+    _, svc, notifier = _services(db, tmp_path, "http://127.0.0.1:9", min_new=3)
+    row = svc.run(pid, "2025-05-04")
+    assert row.status == "skipped" and "already in progress" in row.report
+    assert fake_runpod.pods == {} and notifier.texts("say") == [row.report]
