@@ -45,13 +45,14 @@ def sample(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
                 s.commit()
     set_project(ctx, project_id, status="sampling")
     pairs = generate_samples(
-        ctx.llm, _spec(state), list(state.get("guidelines", [])), n=SAMPLE_COUNT,
+        ctx.llm, _spec(state), generation_guidelines(state), n=SAMPLE_COUNT,
         project_id=project_id, seed=state.get("sample_round", 0),
     )
     samples = [{"prompt": p.prompt, "response": p.response} for p in pairs]
     return Command(
         goto="review",
-        update={"samples": samples, "sample_round": state.get("sample_round", 0) + 1},
+        update={"samples": samples, "edited": [],
+                "sample_round": state.get("sample_round", 0) + 1},
     )
 
 
@@ -61,6 +62,7 @@ def review(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
             "kind": "samples",
             "examples": state.get("samples", []),
             "round": state.get("sample_round", 1),
+            "edited": list(state.get("edited", [])),
         }
     )
     if (cmd := route_import(value, "review")) is not None:
@@ -72,7 +74,56 @@ def review(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
         text = str(value.get("text", "")).strip()
         guidelines = [*state.get("guidelines", []), *([text] if text else [])]
         return Command(goto="sample", update={"guidelines": guidelines})
+    if action == "edit":
+        return _apply_edit(state, runtime.context, value)
     return Command(goto="review")
+
+
+def _apply_edit(state: AgentState, ctx: AgentContext, value: dict[str, Any]) -> Command:
+    """The edited example replaces its sample, becomes gold, and the card is asked again."""
+    from agent.data import validate
+    from agent.spec import ExamplePair
+
+    samples = [dict(x) for x in state.get("samples", [])]
+    try:
+        index = int(value.get("index", -1))
+    except (TypeError, ValueError):
+        index = -1
+    edit = ExamplePair(prompt=str(value.get("prompt", "")).strip(),
+                       response=str(value.get("response", "")).strip())
+    max_tokens = int((state.get("spec") or {}).get("max_output_tokens") or DEFAULT_MAX_TOKENS)
+    _, invalid = validate([edit], max_tokens)
+    problem = (f"there is no example {index + 1}" if not 0 <= index < len(samples)
+               else invalid[0][1] if invalid else None)
+    if problem:
+        ctx.notifier.error(state["thread_id"], f"Couldn't apply the edit: {problem}.")
+        return Command(goto="review")
+    new = {"prompt": edit.prompt, "response": edit.response}
+    old = samples[index]
+    gold = [g for g in state.get("gold_examples", []) if g != old and g != new]
+    samples[index] = new
+    edited = sorted({*state.get("edited", []), index})
+    return Command(goto="review", update={
+        "samples": samples, "edited": edited, "gold_examples": [*gold, new]})
+
+
+GOLD_PROMPT_CHARS = 4000
+
+
+def gold_guideline(example: dict[str, str]) -> str:
+    """One user-edited example as a guideline line: a few-shot example to match."""
+    def clip(t: str) -> str:
+        return t if len(t) <= GOLD_PROMPT_CHARS else t[: GOLD_PROMPT_CHARS - 1] + "…"
+
+    return ("Gold example written by the user; match its format, style and quality "
+            f"(do not copy it):\n  Prompt: {clip(example['prompt'])}\n"
+            f"  Response: {clip(example['response'])}")
+
+
+def generation_guidelines(state: AgentState) -> list[str]:
+    """The user's feedback plus their edited (gold) examples, for every generation request."""
+    return [*state.get("guidelines", []),
+            *(gold_guideline(g) for g in state.get("gold_examples", []))]
 
 
 class _Throttle:
@@ -96,13 +147,15 @@ class _Throttle:
 
 def _finish_dataset(
     state: AgentState, ctx: AgentContext, pairs: list[Any], source: str, label: str,
-    stats: Any = None,
+    stats: Any = None, gold: list[Any] | None = None,
 ) -> dict[str, Any]:
     """dedup -> validate -> split -> store -> upload train JSONL -> summary.
 
     `stats` (agent.data.GenerationStats) adds what generation already dropped on the way.
+    `gold` (user-edited examples, also in `pairs` and first there so dedup keeps them over
+    generated near-copies) always go to the train split.
     """
-    from agent.data import dedup, split, store_dataset, to_jsonl, validate
+    from agent.data import content_hash, dedup, split, store_dataset, to_jsonl, validate
 
     project_id = state["project_id"]
     spec = state.get("spec") or {}
@@ -117,7 +170,9 @@ def _finish_dataset(
         raise ValueError(f"no usable examples left ({len(pairs)} in, {n_dupes} duplicates, "
                          f"{len(invalid)} invalid)")
     seed = project_id
-    splits = split(valid, seed)
+    gold_hashes = {content_hash(g) for g in gold or []}
+    splits = split([p for p in valid if content_hash(p) not in gold_hashes], seed)
+    splits["train"] = [p for p in valid if content_hash(p) in gold_hashes] + splits["train"]
     dataset = store_dataset(ctx.db, project_id, splits, source, seed, n_dupes, n_invalid)
     name = str(spec.get("name") or "dataset")
     body = to_jsonl(splits["train"], str(spec.get("system_prompt") or ""))
@@ -139,6 +194,7 @@ def _finish_dataset(
 @guarded("generate", "review")
 def generate(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
     from agent.data import GenerationStats, generate_dataset
+    from agent.spec import ExamplePair
 
     ctx = runtime.context
     spec = _spec(state)
@@ -147,15 +203,18 @@ def generate(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
     progress = _Throttle(ctx, state["thread_id"], ctx.progress_interval_s)
     progress(0, n)
     stats = GenerationStats()
+    gold = [ExamplePair(**g) for g in state.get("gold_examples", [])]
+    wanted = max(0, n - len(gold))  # the gold examples count toward n
     pairs = generate_dataset(
-        ctx.llm, spec, list(state.get("guidelines", [])), n,
+        ctx.llm, spec, generation_guidelines(state), wanted,
         concurrency=ctx.settings.tuner_generation_concurrency,
         project_id=state["project_id"], on_progress=progress, stats=stats,
     )
-    if len(pairs) < n:
-        ctx.notifier.say(state["thread_id"], f"Generation stopped at {len(pairs)} of {n} unique "
-                         "examples (call cap reached); continuing with what we have.")
-    update = _finish_dataset(state, ctx, pairs, "synthetic", "Dataset ready", stats)
+    if len(pairs) < wanted:
+        ctx.notifier.say(state["thread_id"], f"Generation stopped at {len(pairs)} of {wanted} "
+                         "unique examples (call cap reached); continuing with what we have.")
+    update = _finish_dataset(state, ctx, [*gold, *pairs], "synthetic", "Dataset ready", stats,
+                             gold=gold)
     return Command(goto="estimate", update=update)
 
 

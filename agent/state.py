@@ -13,6 +13,8 @@ class AgentState(TypedDict, total=False):
     spec_row_id: int | None
     guidelines: list[str]  # sample feedback, applied to every later generation
     samples: list[dict[str, str]]  # current sample round: {"prompt", "response"}
+    edited: list[int]  # indexes into `samples` the user edited this round
+    gold_examples: list[dict[str, str]]  # user-edited samples: few-shot + train split
     sample_round: int
     dataset_id: int | None
     launch_card: dict[str, Any] | None  # {"estimate": {...}, "dataset": {...}}

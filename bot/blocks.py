@@ -12,6 +12,7 @@ SPEC_APPROVE = "spec_approve"
 SPEC_CHANGE = "spec_change"
 SAMPLES_APPROVE = "samples_approve"
 SAMPLES_REGENERATE = "samples_regenerate"
+SAMPLES_EDIT = "samples_edit"  # one per sample (section accessory); value carries the index
 LAUNCH = "launch"
 DEPLOY = "deploy"
 DEPLOY_SKIP = "deploy_skip"
@@ -24,17 +25,30 @@ INTERRUPT_ACTIONS = (
 FEEDBACK_CALLBACK = "tuner_feedback"
 FEEDBACK_BLOCK = "feedback"
 FEEDBACK_INPUT = "text"
+EDIT_CALLBACK = "tuner_sample_edit"
+EDIT_PROMPT_BLOCK = "prompt"
+EDIT_RESPONSE_BLOCK = "response"
+EDIT_INPUT = "text"
+EDIT_MAX_CHARS = 3000  # plain_text_input max_length (and so the most it can prefill)
 
 _SECTION_MAX = 2900
 
 
-def encode_value(interrupt_id: str, thread_id: str) -> str:
-    return json.dumps({"i": interrupt_id, "t": thread_id}, separators=(",", ":"))
+def encode_value(interrupt_id: str, thread_id: str, index: int | None = None) -> str:
+    d: dict[str, Any] = {"i": interrupt_id, "t": thread_id}
+    if index is not None:
+        d["n"] = index
+    return json.dumps(d, separators=(",", ":"))
 
 
 def decode_value(value: str) -> tuple[str, str]:
     d = json.loads(value)
     return str(d["i"]), str(d["t"])
+
+
+def decode_index(value: str) -> int:
+    """The sample index of an [Edit] button value (ValueError/KeyError when absent)."""
+    return int(json.loads(value)["n"])
 
 
 def _clip(text: str, n: int = _SECTION_MAX) -> str:
@@ -96,17 +110,22 @@ def spec_card(interrupt_id: str, thread_id: str, spec: dict[str, Any]) -> tuple[
 
 
 def samples_card(
-    interrupt_id: str, thread_id: str, examples: list[dict[str, Any]], round_: int = 1
+    interrupt_id: str, thread_id: str, examples: list[dict[str, Any]], round_: int = 1,
+    edited: list[int] | tuple[int, ...] = (),
 ) -> tuple[str, list[dict]]:
     v = encode_value(interrupt_id, thread_id)
     blocks: list[dict] = [section(f"*Sample examples* (round {round_}, {len(examples)} shown)")]
-    per = max(200, (_SECTION_MAX - 60) // 2)
+    per = max(200, (_SECTION_MAX - 80) // 2)
     for n, ex in enumerate(examples[:20], 1):
+        mark = " (edited by you)" if n - 1 in edited else ""
         blocks.append({"type": "divider"})
-        blocks.append(section(
-            f"*{n}. Prompt*\n{_clip(_esc(ex.get('prompt', '')), per)}\n"
+        block = section(
+            f"*{n}. Prompt*{mark}\n{_clip(_esc(ex.get('prompt', '')), per)}\n"
             f"*Response*\n{_clip(_esc(ex.get('response', '')), per)}"
-        ))
+        )
+        block["accessory"] = button(SAMPLES_EDIT, "Edit",
+                                    encode_value(interrupt_id, thread_id, n - 1))
+        blocks.append(block)
     blocks.append(actions(
         button(SAMPLES_APPROVE, "Approve", v, "primary"),
         button(SAMPLES_REGENERATE, "Regenerate with feedback", v),
@@ -175,7 +194,8 @@ def ask_card(interrupt_id: str, thread_id: str, payload: dict[str, Any]) -> tupl
         return spec_card(interrupt_id, thread_id, payload.get("spec") or {})
     if kind == "samples":
         return samples_card(interrupt_id, thread_id, payload.get("examples") or [],
-                            int(payload.get("round", 1) or 1))
+                            int(payload.get("round", 1) or 1),
+                            [int(i) for i in payload.get("edited") or []])
     if kind == "launch":
         return launch_card(interrupt_id, thread_id, payload.get("estimate") or {},
                            payload.get("dataset") or {})
@@ -206,4 +226,34 @@ def feedback_modal(interrupt_id: str, thread_id: str, action: str, title: str) -
             "label": {"type": "plain_text", "text": "What should change?"},
             "element": {"type": "plain_text_input", "action_id": FEEDBACK_INPUT, "multiline": True},
         }],
+    }
+
+
+def _text_input(block_id: str, label: str, initial: str) -> dict[str, Any]:
+    element: dict[str, Any] = {"type": "plain_text_input", "action_id": EDIT_INPUT,
+                               "multiline": True, "max_length": EDIT_MAX_CHARS}
+    if initial:
+        element["initial_value"] = initial
+    return {"type": "input", "block_id": block_id,
+            "label": {"type": "plain_text", "text": label}, "element": element}
+
+
+def sample_edit_modal(
+    interrupt_id: str, thread_id: str, index: int, example: dict[str, Any]
+) -> dict[str, Any]:
+    """Prefilled editor for sample `index` (0-based); the text must fit EDIT_MAX_CHARS."""
+    return {
+        "type": "modal",
+        "callback_id": EDIT_CALLBACK,
+        "private_metadata": json.dumps({"i": interrupt_id, "t": thread_id, "n": index}),
+        "title": {"type": "plain_text", "text": f"Edit example {index + 1}"[:24]},
+        "submit": {"type": "plain_text", "text": "Save"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "blocks": [
+            _text_input(EDIT_PROMPT_BLOCK, "Prompt", str(example.get("prompt", ""))),
+            _text_input(EDIT_RESPONSE_BLOCK, "Response", str(example.get("response", ""))),
+            {"type": "context", "elements": [{"type": "mrkdwn", "text":
+                "Your version replaces this sample and is used as a gold example for the "
+                "rest of the dataset."}]},
+        ],
     }

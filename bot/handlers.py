@@ -86,6 +86,7 @@ _DONE_LABEL = {
     "undeploy": ":wastebasket: Undeploying",
     "change": ":pencil2: Change requested",
     "regenerate": ":repeat: Regenerating",
+    "edit": ":pencil2: Edited",
 }
 _NEEDS_AUTH = {B.LAUNCH, B.DEPLOY, B.UNDEPLOY, B.STOP_RUN}
 _MODAL = {B.SPEC_CHANGE: ("change", "Change the spec"),
@@ -111,8 +112,10 @@ class Handlers:
             app.event(name)(fn)
         for action_id in (*_RESUME_ACTION, *_MODAL):
             app.action(action_id)(self.on_interrupt_action)
+        app.action(B.SAMPLES_EDIT)(self.on_sample_edit)
         app.action(B.STOP_RUN)(self.on_stop_run)
         app.view(B.FEEDBACK_CALLBACK)(self.on_feedback_submit)
+        app.view(B.EDIT_CALLBACK)(self.on_edit_submit)
         for cmd in COMMANDS:
             app.command(cmd)(self.on_command)
 
@@ -201,6 +204,35 @@ class Handlers:
         self.worker.submit(thread_id, self._resume, client, thread_id, interrupt_id, value,
                            channel, user, message)
 
+    def on_sample_edit(self, ack: Ack, body: dict, action: dict, client: WebClient) -> None:
+        """[Edit] on one sample: open a modal prefilled from the pending interrupt's payload."""
+        ack()
+        user = body["user"]["id"]
+        try:
+            value = action.get("value", "")
+            interrupt_id, thread_id = B.decode_value(value)
+            index = B.decode_index(value)
+        except (ValueError, KeyError, TypeError):
+            return
+        channel = (body.get("channel") or {}).get("id") or thread_id.split(":")[1]
+        _, _, thread_ts = (thread_id.split(":", 2) + ["", ""])[:3]
+        payload = self._pending_payload(thread_id, interrupt_id)
+        examples = (payload or {}).get("examples") or []
+        if payload is None or not 0 <= index < len(examples):
+            self._ephemeral(client, channel, user, thread_ts, ALREADY_HANDLED)
+            return
+        example = examples[index]
+        if any(len(str(example.get(k, ""))) > B.EDIT_MAX_CHARS for k in ("prompt", "response")):
+            self._ephemeral(client, channel, user, thread_ts,
+                            f"Example {index + 1} is longer than Slack's {B.EDIT_MAX_CHARS}-"
+                            "character edit box; use *Regenerate with feedback* instead.")
+            return
+        try:
+            client.views_open(trigger_id=body["trigger_id"],
+                              view=B.sample_edit_modal(interrupt_id, thread_id, index, example))
+        except SlackApiError as e:
+            log.warning("views.open failed: %s", e.response.get("error"))
+
     def on_stop_run(self, ack: Ack, body: dict, action: dict, client: WebClient) -> None:
         ack()
         user = body["user"]["id"]
@@ -239,6 +271,31 @@ class Handlers:
         user = body["user"]["id"]
         channel = thread_id.split(":")[1]
         value = {"action": kind, "text": text.strip(), "user": user}
+        self.worker.submit(thread_id, self._resume, client, thread_id, interrupt_id, value,
+                           channel, user, None)
+
+    def on_edit_submit(self, ack: Ack, body: dict, view: dict, client: WebClient) -> None:
+        values = view.get("state", {}).get("values", {})
+
+        def typed(block: str) -> str:
+            return ((values.get(block) or {}).get(B.EDIT_INPUT) or {}).get("value") or ""
+
+        prompt, response = typed(B.EDIT_PROMPT_BLOCK).strip(), typed(B.EDIT_RESPONSE_BLOCK).strip()
+        errors = {b: "This can't be empty." for b, t in
+                  ((B.EDIT_PROMPT_BLOCK, prompt), (B.EDIT_RESPONSE_BLOCK, response)) if not t}
+        if errors:
+            ack(response_action="errors", errors=errors)
+            return
+        ack()
+        try:
+            meta = json.loads(view.get("private_metadata") or "{}")
+            interrupt_id, thread_id, index = str(meta["i"]), str(meta["t"]), int(meta["n"])
+        except (ValueError, KeyError, TypeError):
+            return
+        user = body["user"]["id"]
+        channel = thread_id.split(":")[1]
+        value = {"action": "edit", "index": index, "prompt": prompt, "response": response,
+                 "user": user}
         self.worker.submit(thread_id, self._resume, client, thread_id, interrupt_id, value,
                            channel, user, None)
 
@@ -284,7 +341,8 @@ class Handlers:
             return
         if message and message.get("ts"):
             label = _DONE_LABEL.get(value["action"], "Done")
-            kept = [b for b in message.get("blocks") or [] if b.get("type") != "actions"]
+            kept = [{k: v for k, v in b.items() if k != "accessory"}  # per-sample [Edit]
+                    for b in message.get("blocks") or [] if b.get("type") != "actions"]
             kept.append({"type": "context",
                          "elements": [{"type": "mrkdwn", "text": f"{label} by <@{user}>"}]})
             try:
@@ -341,6 +399,18 @@ class Handlers:
                 return True
         with self.db.session() as s:
             return s.exec(select(Project.id).where(Project.thread_id == thread_id)).first() is not None
+
+    def _pending_payload(self, thread_id: str, interrupt_id: str) -> dict[str, Any] | None:
+        """The payload of a pending interrupt; None when it is stale (or unreadable)."""
+        try:
+            pending = self.runner.pending(thread_id)
+        except Exception:  # noqa: BLE001
+            log.exception("pending() failed")
+            return None
+        for i, payload in pending:
+            if i == interrupt_id:
+                return payload if isinstance(payload, dict) else {}
+        return None
 
     def _is_pending(self, thread_id: str, interrupt_id: str) -> bool:
         try:

@@ -34,6 +34,7 @@ class ScriptedRunner:
     db: Database
     calls: list[tuple[str, Any]] = field(default_factory=list)
     interrupts: dict[str, list[str]] = field(default_factory=dict)
+    payloads: dict[str, dict[str, Any]] = field(default_factory=dict)  # interrupt id -> payload
     block: threading.Event | None = None
 
     def start(self, *, team: str, channel: str, thread_ts: str, user: str, text: str) -> None:
@@ -63,7 +64,7 @@ class ScriptedRunner:
         return True
 
     def pending(self, thread_id: str) -> list[tuple[str, Any]]:
-        return [(i, {}) for i in self.interrupts.get(thread_id, [])]
+        return [(i, self.payloads.get(i, {})) for i in self.interrupts.get(thread_id, [])]
 
     def of(self, kind: str) -> list[Any]:
         return [v for k, v in self.calls if k == kind]
@@ -296,6 +297,101 @@ def test_change_button_on_stale_card_does_not_open_modal(make_bot) -> None:
     eph = bot.fake.wait_for(lambda: bot.fake.ephemerals)
     assert eph[0]["text"] == ALREADY_HANDLED
     assert bot.fake.views == []
+
+
+SAMPLES = [{"prompt": f"Ticket {k}: printer on fire", "response": f"label {k}"} for k in range(3)]
+
+
+def _edit_submission(view: dict, user: str, prompt: str, response: str) -> dict:
+    """A view_submission of the sample editor as Slack sends it (two input blocks)."""
+    payload = view_submission(view, user=user, text="")
+    payload["view"]["state"]["values"] = {
+        B.EDIT_PROMPT_BLOCK: {B.EDIT_INPUT: {"type": "plain_text_input", "value": prompt}},
+        B.EDIT_RESPONSE_BLOCK: {B.EDIT_INPUT: {"type": "plain_text_input", "value": response}},
+    }
+    return payload
+
+
+def test_samples_card_has_an_edit_button_per_sample() -> None:
+    tid = f"{TEAM_ID}:{CH}:720.000001"
+    _, blocks = B.ask_card("int-5", tid, {"kind": "samples", "examples": SAMPLES, "round": 2,
+                                          "edited": [1]})
+    edits = [b["accessory"] for b in blocks if "accessory" in b]
+    assert [e["action_id"] for e in edits] == [B.SAMPLES_EDIT] * 3
+    assert [B.decode_value(e["value"]) for e in edits] == [("int-5", tid)] * 3
+    assert [B.decode_index(e["value"]) for e in edits] == [0, 1, 2]
+    marked = [b["text"]["text"] for b in blocks if "edited by you" in json.dumps(b)]
+    assert len(marked) == 1 and "Ticket 1:" in marked[0]
+
+
+def test_edit_button_opens_prefilled_modal_and_submission_resumes(make_bot) -> None:
+    bot = make_bot()
+    tid = f"{TEAM_ID}:{CH}:730.000001"
+    bot.runner.interrupts[tid] = ["int-4"]
+    bot.runner.payloads["int-4"] = {"kind": "samples", "examples": SAMPLES, "round": 1}
+    card = bot.fake._m_chat_postMessage(
+        {"channel": CH, "thread_ts": "730.000001", "text": "samples",
+         "blocks": B.samples_card("int-4", tid, SAMPLES)[1]})["message"]
+    edit_value = [b["accessory"]["value"] for b in card["blocks"] if "accessory" in b][2]
+    r = bot.post(block_action(B.SAMPLES_EDIT, edit_value, user="U1", channel=CH, message=card),
+                 kind="interactive")
+    assert r.status == 200
+    opened = bot.fake.wait_for(lambda: [v for v in bot.fake.views if v["kind"] == "open"])
+    view = opened[0]["view"]
+    assert view["callback_id"] == B.EDIT_CALLBACK
+    assert json.loads(view["private_metadata"]) == {"i": "int-4", "t": tid, "n": 2}
+    inputs = {b["block_id"]: b["element"] for b in view["blocks"] if b["type"] == "input"}
+    assert inputs[B.EDIT_PROMPT_BLOCK]["initial_value"] == "Ticket 2: printer on fire"
+    assert inputs[B.EDIT_RESPONSE_BLOCK]["initial_value"] == "label 2"
+    assert all(e["multiline"] and e["type"] == "plain_text_input" for e in inputs.values())
+    assert bot.runner.of("resume") == []  # opening the editor answers nothing yet
+
+    # an emptied field is refused in the modal itself, naming the field
+    r = bot.post(_edit_submission(view, "U1", "Ticket 2: toner", "  "), kind="interactive")
+    assert json.loads(r.body) == {"response_action": "errors",
+                                  "errors": {B.EDIT_RESPONSE_BLOCK: "This can't be empty."}}
+    r = bot.post(_edit_submission(view, "U1", " Ticket 2: the printer smokes ", "hardware\n"),
+                 kind="interactive")
+    assert r.status == 200
+    bot.idle()
+    assert bot.runner.of("resume") == [(tid, "int-4", {
+        "action": "edit", "index": 2, "prompt": "Ticket 2: the printer smokes",
+        "response": "hardware", "user": "U1"})]
+    assert bot.fake.ephemerals == []
+
+    # the same modal submitted again (its interrupt is answered now): already handled
+    bot.post(_edit_submission(view, "U1", "again", "again"), kind="interactive")
+    eph = bot.fake.wait_for(lambda: bot.fake.ephemerals)
+    assert eph[0]["text"] == ALREADY_HANDLED and eph[0]["thread_ts"] == "730.000001"
+    assert len(bot.runner.of("resume")) == 2 and bot.runner.interrupts[tid] == []
+
+
+def test_edit_button_on_stale_card_does_not_open_modal(make_bot) -> None:
+    bot = make_bot()
+    tid = f"{TEAM_ID}:{CH}:740.000001"
+    bot.runner.interrupts[tid] = ["int-new"]
+    bot.runner.payloads["int-new"] = {"kind": "samples", "examples": SAMPLES, "round": 2}
+    bot.post(block_action(B.SAMPLES_EDIT, B.encode_value("int-old", tid, 0), user="U1",
+                          channel=CH), kind="interactive")
+    eph = bot.fake.wait_for(lambda: bot.fake.ephemerals)
+    assert eph[0]["text"] == ALREADY_HANDLED and eph[0]["user"] == "U1"
+    assert bot.fake.views == [] and bot.runner.of("resume") == []
+
+
+def test_approving_samples_strips_the_edit_buttons(make_bot) -> None:
+    bot = make_bot()
+    tid = f"{TEAM_ID}:{CH}:750.000001"
+    bot.runner.interrupts[tid] = ["int-6"]
+    card = bot.fake._m_chat_postMessage(
+        {"channel": CH, "thread_ts": "750.000001", "text": "samples",
+         "blocks": B.samples_card("int-6", tid, SAMPLES)[1]})["message"]
+    bot.post(block_action(B.SAMPLES_APPROVE, B.encode_value("int-6", tid), user="U1",
+                          channel=CH, message=card), kind="interactive")
+    bot.idle()
+    updated = bot.fake.wait_for(lambda: card.get("edits") and card)
+    text = json.dumps(updated["blocks"])
+    assert B.SAMPLES_EDIT not in text and "Ticket 2: printer on fire" in text
+    assert "Approved by <@U1>" in text
 
 
 def test_stop_button_does_not_wait_for_busy_thread(make_bot) -> None:
