@@ -9,6 +9,10 @@ reply can be read, and every call must land in the spend ledger.
 No temperature/top_p is sent (not accepted by current models); no forced tool_choice.
 The SDK retries 429/5xx itself (honouring retry-after); this class retries only
 malformed output (invalid JSON, schema mismatch, refusal, max_tokens cut-off).
+
+Token counting (`count_tokens`) goes to POST /v1/messages/count_tokens through the SDK's
+`messages.count_tokens`; the API answers {"input_tokens": N}. Counting is free, so it is
+not recorded in the spend ledger.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anthropic
@@ -100,17 +105,29 @@ class ClaudeClient:
             f"{MAX_ATTEMPTS} attempts (last problem: {problem}). Try again or simplify the request."
         )
 
+    def count_tokens(
+        self,
+        system: str,
+        messages: list[dict[str, Any]],
+        model: str | None = None,
+    ) -> int:
+        """Input tokens Claude would bill for `system` + `messages` (free; not in the ledger).
+
+        A conversation ending in an assistant turn is counted too, so the tokens of a
+        response are count(prompt + response) - count(prompt).
+        """
+        kwargs: dict[str, Any] = {
+            "model": model or self.settings.tuner_claude_model,
+            "messages": messages,
+        }
+        if system:
+            kwargs["system"] = system
+        result = self._call(lambda client: client.messages.count_tokens(**kwargs))
+        return int(result.input_tokens)
+
     def ping(self) -> str:
         """Cheap connectivity/auth check for `tuner doctor`."""
-        client = self._sdk()
-        try:
-            page = client.models.list(limit=1)
-        except anthropic.AuthenticationError as e:
-            raise ClaudeAPIError(_auth_message()) from e
-        except anthropic.APIConnectionError as e:
-            raise ClaudeAPIError(f"Could not reach Claude at {self.base_url}: {e}") from e
-        except anthropic.APIStatusError as e:
-            raise ClaudeAPIError(f"Claude API answered {e.status_code}: {_err_text(e)}") from e
+        page = self._call(lambda client: client.models.list(limit=1))
         ids = [m.id for m in page.data]
         return f"Claude reachable at {self.base_url}" + (f" (e.g. {ids[0]})" if ids else "")
 
@@ -130,9 +147,13 @@ class ClaudeClient:
             return self._client
 
     def _create(self, **kwargs: Any) -> Any:
+        return self._call(lambda client: client.messages.create(**kwargs))
+
+    def _call(self, fn: Callable[[anthropic.Anthropic], Any]) -> Any:
+        """Run one SDK call, turning SDK errors into ClaudeAPIError with a readable message."""
         client = self._sdk()
         try:
-            return client.messages.create(**kwargs)
+            return fn(client)
         except anthropic.AuthenticationError as e:
             raise ClaudeAPIError(_auth_message()) from e
         except anthropic.APIConnectionError as e:

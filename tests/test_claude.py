@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from sqlmodel import select
 from pydantic import BaseModel
 
 from agent.spec import DEFINE_SYSTEM, DefineTurn
@@ -176,3 +177,48 @@ def test_rate_limited_requests_are_retried_by_sdk(db):
             client.structured(system="s", messages=[{"role": "user", "content": "q"}],
                               schema=Verdict, purpose="p")
         assert fake.rate_limited >= 1 and len(fake.message_requests) == 3
+
+
+def test_count_tokens_through_sdk_is_free_and_measured(db):
+    from tests.fakes.anthropic_fake import MESSAGE_OVERHEAD_TOKENS, count_text_tokens
+
+    system = "You are a terse support agent; answer in English."
+    ask = [{"role": "user", "content": "My invoice #4411 is wrong -- who can fix it?"}]
+    answer = "Billing can: reply with the invoice number and we'll re-issue it today."
+    with FakeAnthropic.running(lambda req: "{}") as fake:
+        client = _client(fake, db)
+        tin = client.count_tokens(system, ask)
+        full = client.count_tokens(system, ask + [{"role": "assistant", "content": answer}],
+                                   model="claude-haiku-4-5")
+        bare = client.count_tokens("", ask)
+        reqs = fake.count_requests
+        assert fake.message_requests == []
+    # numbers are the fake tokenizer's counts of exactly what was sent
+    expected_in = count_text_tokens(system) + MESSAGE_OVERHEAD_TOKENS + count_text_tokens(ask[0]["content"])
+    assert tin == expected_in
+    assert full - tin == MESSAGE_OVERHEAD_TOKENS + count_text_tokens(answer)
+    assert bare == tin - count_text_tokens(system)
+    # wire format: the count_tokens route, model defaulted from settings, no generation fields
+    assert [r["model"] for r in reqs] == ["claude-sonnet-4-6", "claude-haiku-4-5", "claude-sonnet-4-6"]
+    assert reqs[0]["system"] == system and "system" not in reqs[2]
+    assert all("max_tokens" not in r and "output_config" not in r for r in reqs)
+    # counting is free: nothing lands in the spend ledger
+    with db.session() as s:
+        assert s.exec(select(SpendEntry)).all() == []
+
+
+def test_count_tokens_errors_are_clear(db):
+    import anthropic
+
+    with FakeAnthropic.running(lambda req: "{}") as fake:
+        with pytest.raises(ClaudeAPIError, match="401") as ei:
+            _client(fake, db, key="sk-wrong").count_tokens("s", [{"role": "user", "content": "q"}])
+        assert "sk-wrong" not in str(ei.value)
+        with pytest.raises(ClaudeAPIError, match="400: .*messages.0.role"):
+            _client(fake, db).count_tokens("s", [{"role": "system", "content": "q"}])
+        # the fake, like the API, rejects generation-only fields on this route
+        sdk = anthropic.Anthropic(api_key=API_KEY, base_url=fake.base_url, max_retries=0)
+        with pytest.raises(anthropic.BadRequestError, match="max_tokens: Extra inputs"):
+            sdk.messages.count_tokens(model="claude-sonnet-4-6", messages=[{"role": "user", "content": "q"}],
+                                      extra_body={"max_tokens": 10})
+        assert fake.count_requests == []

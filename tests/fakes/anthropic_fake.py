@@ -3,10 +3,18 @@
 Speaks the documented wire format:
   POST /v1/messages  -> {"id","type":"message","role":"assistant","content":[{"type":"text",
                          "text"}],"model","stop_reason","stop_sequence","usage":{...}}
+  POST /v1/messages/count_tokens -> {"input_tokens": N}; fields other than the documented
+                         ones (e.g. max_tokens) are a 400 "Extra inputs are not permitted",
+                         as on the API. N comes from `count_request_tokens` below.
   GET  /v1/models    -> {"data":[{"type":"model","id",...}],"has_more","first_id","last_id"}
   errors             -> {"type":"error","error":{"type":...,"message":...}} with the status
                          the API uses (401 authentication_error, 429 rate_limit_error with a
                          retry-after header, 400 invalid_request_error, 404 not_found_error).
+
+The fake tokenizer is deterministic and documented so tests can compute expected counts:
+a token is a run of word characters or one punctuation character (`\w+|[^\w\s]`); a
+request is its system prompt's tokens plus, per message, MESSAGE_OVERHEAD_TOKENS (role
+framing) plus its text's tokens.
 
 `responder(request_json) -> str | Reply` scripts the assistant text. Use it like:
 
@@ -17,6 +25,7 @@ Speaks the documented wire format:
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import uuid
@@ -28,6 +37,32 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 API_KEY = "sk-ant-test-key"
+MESSAGE_OVERHEAD_TOKENS = 3
+COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
+COUNT_TOKENS_FIELDS = frozenset({
+    "messages", "model", "system", "tools", "tool_choice", "thinking", "output_config",
+    "cache_control", "speed", "mcp_servers", "context_management",
+})
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def count_text_tokens(text: str) -> int:
+    """The fake tokenizer: word runs and single punctuation characters."""
+    return len(_TOKEN.findall(text))
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, list):
+        return "\n".join(b.get("text", "") for b in content if isinstance(b, dict))
+    return str(content or "")
+
+
+def count_request_tokens(req: dict[str, Any]) -> int:
+    """What POST /v1/messages/count_tokens answers for a request body."""
+    n = count_text_tokens(system_text(req))
+    for m in req.get("messages") or []:
+        n += MESSAGE_OVERHEAD_TOKENS + count_text_tokens(_content_text(m.get("content")))
+    return n
 
 
 @dataclass
@@ -50,10 +85,7 @@ def system_text(req: dict[str, Any]) -> str:
 def last_user_text(req: dict[str, Any]) -> str:
     for m in reversed(req.get("messages") or []):
         if m.get("role") == "user":
-            c = m.get("content")
-            if isinstance(c, list):
-                return "\n".join(b.get("text", "") for b in c if isinstance(b, dict))
-            return str(c)
+            return _content_text(m.get("content"))
     return ""
 
 
@@ -125,6 +157,11 @@ class FakeAnthropic:
     def message_requests(self) -> list[dict[str, Any]]:
         with self._lock:
             return [r for r in self.requests if r.get("_path") == "/v1/messages"]
+
+    @property
+    def count_requests(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [r for r in self.requests if r.get("_path") == COUNT_TOKENS_PATH]
 
     # -- helpers for the handler -------------------------------------------------------------
 
@@ -220,10 +257,14 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_json()
         if body is None:
             return
-        if self.path.split("?")[0] != "/v1/messages":
+        path = self.path.split("?")[0]
+        if path not in ("/v1/messages", COUNT_TOKENS_PATH):
             self._error(404, "not_found_error", f"no route {self.path}")
             return
         if not self._authed():
+            return
+        if path == COUNT_TOKENS_PATH:
+            self._count_tokens(body)
             return
         wait = owner._admit()
         if wait is not None:
@@ -276,3 +317,25 @@ class _Handler(BaseHTTPRequestHandler):
             )
         finally:
             owner._leave()
+
+    def _count_tokens(self, body: dict[str, Any]) -> None:
+        owner = self.owner
+        for required in ("model", "messages"):
+            if required not in body:
+                self._error(400, "invalid_request_error", f"{required}: Field required")
+                return
+        extra = sorted(set(body) - COUNT_TOKENS_FIELDS)
+        if extra:
+            self._error(400, "invalid_request_error", f"{extra[0]}: Extra inputs are not permitted")
+            return
+        msgs = body["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            self._error(400, "invalid_request_error", "messages: at least one message is required")
+            return
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+                self._error(400, "invalid_request_error", f"messages.{i}.role: must be user or assistant")
+                return
+        with owner._lock:
+            owner.requests.append({**body, "_path": COUNT_TOKENS_PATH})
+        self._send(200, {"input_tokens": count_request_tokens(body)})
