@@ -7,6 +7,7 @@ exception messages or logs (URLs carry no secrets).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -26,6 +27,10 @@ class PodError(RuntimeError):
 
 class PodUnreachable(PodError):
     """Connection failed or the proxy could not reach the pod's server."""
+
+
+class PodGone(PodUnreachable):
+    """RunPod says the pod is gone or no longer running (exited, terminated)."""
 
 
 class PodClient:
@@ -65,12 +70,25 @@ class PodClient:
         except (PodError, ValueError):
             return False
 
-    def wait_ready(self, timeout: float, interval: float = 1.0) -> None:
-        deadline = time.monotonic() + timeout
+    def wait_ready(
+        self, timeout: float, interval: float = 1.0, *,
+        gone: Callable[[], str | None] | None = None, gone_every_s: float = 10.0,
+    ) -> None:
+        """Wait for /health. `gone()` (checked on the first miss, then every gone_every_s)
+        returns why the pod can never answer (exited, terminated) to stop waiting at once."""
+        start = time.monotonic()
+        deadline = start + timeout
+        next_gone = start
         while True:
             if self.health():
                 return
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if gone is not None and now >= next_gone:
+                next_gone = now + gone_every_s
+                reason = gone()
+                if reason:
+                    raise PodGone(reason)
+            if now >= deadline:
                 raise PodUnreachable(f"pod control server not ready after {timeout:.0f}s")
             time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
 

@@ -6,11 +6,24 @@ tar.gz of jobs/__init__.py + jobs/podproto.py + jobs/train.py, ~15 KB, well insi
 GraphQL request limits), pip-installs the CPU/GPU-agnostic training deps, and runs
 `python -m jobs.train` (control server on 0.0.0.0:8000, exposed as `8000/http`).
 
-Crash safety: the Run row gets its pod token and started_at before the pod is created,
-and its pod_id right after, so a crashed bot leaves a record. The pod is named
-`tuner-run-<run_id>`; `run()` re-attaches to that pod after a restart; the reaper
-(jobs/reaper.py) terminates any `tuner-` pod with no live run. Pod seconds are recorded
-in the spend ledger exactly once per pod (guarded by a unique claim `pod_billed:<id>`).
+Crash safety (invariants: one Run per launch, one pod per Run at a time, no leaked
+pod, nothing billed after termination, each pod billed once):
+- launch(): the launch claim `launch:<project>:<n>` and the Run row commit in ONE
+  transaction, so concurrent clicks make one Run and a crash cannot leave a claim
+  without its Run (which would block the project's launches for good).
+- The Run gets a fresh pod token + started_at (a compare-and-set on the previous
+  token/pod_id: only one process wins the right to create the pod) before the pod is
+  created, and its pod_id right after, so a crashed bot leaves a record. A loser waits
+  for the winner's pod; a token with no pod_id is taken over only after CREATE_LEASE_S.
+- The pod is named `tuner-run-<run_id>`; `run()` re-attaches to that pod after a
+  restart, or adopts it by name when the crash fell between create and saving pod_id.
+- A run that had submitted its job ("running") whose pod is gone/exited when re-attached
+  fails at once with a clear error (no silent restart on a new paid pod); one that never
+  got its job onto a pod ("starting") starts over on a new pod.
+- The pod is billed only once it is really terminated. If terminate keeps failing, the
+  run ends anyway, the pod is left to the reaper (jobs/reaper.py, terminates any `tuner-`
+  pod with no live run), which bills it up to its real termination time. Pod seconds are
+  recorded exactly once per pod (unique claim `pod_billed:<id>`).
 """
 
 from __future__ import annotations
@@ -28,10 +41,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
-from jobs.podclient import PodClient, PodError, PodUnreachable
+from jobs.podclient import PodClient, PodError, PodGone, PodUnreachable
 from jobs.podproto import (
     ADAPTER_ARTIFACT,
     TERMINAL_STATES,
@@ -46,7 +60,7 @@ from jobs.runpod_api import RunPodAPI, pod_is_alive
 from jobs.types import BudgetExceededError, LaunchEstimate, RunOutcome, RunSnapshot
 from storage import spend
 from storage.db import Database
-from storage.models import Example, MetricPoint, Project, Run, TaskSpecRow, utcnow
+from storage.models import Example, MetricPoint, Project, Run, SlackEventClaim, TaskSpecRow, utcnow
 from storage.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,6 +73,10 @@ OVERFIT_CONSECUTIVE_RISES = 2  # eval loss rose this many evals in a row while t
 LOW_EVAL_LOSS = 0.3  # best eval loss below this: far under the usual 0.6-0.7 band
 MAX_UNREACHABLE_POLLS = 5  # consecutive failed polls before the pod counts as crashed
 MAX_EVAL_PROMPTS = 50
+# Pod creation lease: a pod token with no pod_id younger than this belongs to a process
+# that is creating the pod right now; older, its creator died (adopt by name or take over).
+CREATE_LEASE_S = 180.0
+RELEASE_ATTEMPTS = 4  # terminate tries before leaving the pod to the reaper
 
 # Time estimate heuristic (documented): pod boot + image pull + deps + model download +
 # held-out generation is a fixed overhead; training time = tokens * epochs / throughput,
@@ -99,6 +117,10 @@ def pod_bundle_b64(root: Path | None = None) -> str:
     if len(out) > MAX_BUNDLE_B64:
         raise RuntimeError(f"pod bundle too large for a GraphQL value ({len(out)} chars)")
     return out
+
+
+class _RunEnded(Exception):
+    """Another process ended the run while this one waited to attach."""
 
 
 def pod_name(run_id: int) -> str:
@@ -216,24 +238,33 @@ class TrainingService:
                 f"launch needs ~${est.est_usd:.2f}; spent ${est.spent_usd:.2f} of the "
                 f"${est.budget_usd:.2f} budget"
             )
-        with self.db.session() as s:
-            n = len(s.exec(select(Run.id).where(Run.project_id == project_id)).all())
-        # Two concurrent clicks: only one wins the claim for the next run slot.
-        if not self.db.claim(f"launch:{project_id}:{n}"):
-            time.sleep(0.05)
-            active = self.active_run(project_id)
-            if active is not None:
-                return int(active.id)  # type: ignore[arg-type]
-            raise RuntimeError("another launch for this project is in progress")
         cfg = dict(config or {})
         cfg["launched_by"] = user_id
+        with self.db.session() as s:
+            n = len(s.exec(select(Run.id).where(Run.project_id == project_id)).all())
+        # Checked AFTER counting: a run committed before the count is seen here; one
+        # committed after it holds the same slot claim, so our insert below fails.
+        active = self.active_run(project_id)
+        if active is not None:
+            return int(active.id)  # type: ignore[arg-type]
         run = Run(project_id=project_id, dataset_id=dataset_id, status="pending", config=cfg,
                   price_per_hour=est.price_per_hour, gpu_type=est.gpu_type)
         with self.db.session() as s:
+            s.add(SlackEventClaim(key=f"launch:{project_id}:{n}"))
             s.add(run)
-            s.commit()
-            s.refresh(run)
-        return int(run.id)  # type: ignore[arg-type]
+            try:
+                s.commit()
+            except IntegrityError:  # a concurrent click took this slot (claim + run)
+                s.rollback()
+            else:
+                s.refresh(run)
+                return int(run.id)  # type: ignore[arg-type]
+        with self.db.session() as s:
+            newest = s.exec(select(Run).where(Run.project_id == project_id)
+                            .order_by(col(Run.id).desc())).first()
+        if newest is None:  # cannot happen: the claim commits together with its run
+            raise RuntimeError("another launch for this project is in progress")
+        return int(newest.id)  # type: ignore[arg-type]
 
     def active_run(self, project_id: int) -> Run | None:
         with self.db.session() as s:
@@ -317,21 +348,26 @@ class TrainingService:
         return JobRequest(config=config, train=train, val=val, eval_prompts=prompts)
 
     def run(self, run_id: int, on_progress: Callable[[RunSnapshot], None]) -> RunOutcome:
-        """Drive a run to a terminal state. Safe to call again after a crash/restart."""
+        """Drive a run to a terminal state. Safe to call again after a crash/restart, and
+        from two processes at once (they share one pod)."""
         run = self._load(run_id)
         if run.status in TERMINAL_RUN_STATUSES:
             return self._outcome(run)
         if run.stop_requested and not run.pod_id:
-            return self._outcome(self._update(run_id, status="stopped", ended_at=utcnow()))
+            return self._outcome(self._end(run_id, status="stopped"))
         job = self.build_job(run)
         pod_id: str | None = None
         detached = False
         try:
-            pod_id, run = self._attach_or_create(run)
+            pod_id, run, submitted = self._attach_or_create(run)
             url = self.api.pod_url(pod_id)
+            poll = self.settings.tuner_poll_interval_s
+            # Re-attaching to a pod that already ran our job: its server was up, so a pod
+            # that stays unreachable counts as crashed after as many polls as in _poll.
+            timeout = MAX_UNREACHABLE_POLLS * poll if submitted else self.settings.tuner_pod_ready_timeout_s
             with PodClient(url, run.pod_token or "") as client:
-                client.wait_ready(self.settings.tuner_pod_ready_timeout_s,
-                                  interval=min(2.0, self.settings.tuner_poll_interval_s))
+                client.wait_ready(timeout, interval=min(2.0, poll),
+                                  gone=lambda: self._pod_gone(pod_id or ""), gone_every_s=poll)
                 client.submit(job)
                 run = self._update(run_id, status="running")
                 outcome = self._poll(run, client, on_progress)
@@ -339,40 +375,89 @@ class TrainingService:
                     detached = True
                     return RunOutcome(run_id=run_id, status="detached")
                 return outcome
+        except _RunEnded:
+            return self._outcome(self._load(run_id))
         except Exception as exc:  # noqa: BLE001 - any failure ends the run, pod is freed below
             log.warning("run %s failed: %s", run_id, type(exc).__name__)
-            msg = self._crash_text(pod_id, exc)
-            run = self._update(run_id, status="failed", error=msg, ended_at=utcnow())
+            run = self._end(run_id, status="failed", error=self._crash_text(pod_id, exc))
             return self._outcome(run)
         finally:
             if pod_id and not detached:
                 self._release(run_id, pod_id)
 
-    def _attach_or_create(self, run: Run) -> tuple[str, Run]:
-        assert run.id is not None
-        if run.pod_id and pod_is_alive(self.api.get_pod(run.pod_id)) and run.pod_token:
-            log.info("run %s: re-attaching to pod %s", run.id, run.pod_id)
-            return run.pod_id, run
-        if run.pod_id:  # its pod is gone: bill it, start over on a new pod
-            bill_pod_once(self.db, run, run.pod_id, pod_seconds(run), run.price_per_hour or 0.0)
-        if run.pod_token:  # crashed between create and saving pod_id? adopt by name
-            for pod in self.api.list_pods():
-                if pod.get("name") == pod_name(run.id) and pod_is_alive(pod) and pod["id"] != run.pod_id:
-                    run = self._update(run.id, pod_id=pod["id"], status="starting")
-                    return str(pod["id"]), run
-        token = secrets.token_urlsafe(32)
-        run = self._update(run.id, status="starting", pod_token=token, pod_id=None,
-                           started_at=utcnow(), error=None)
+    def _pod_gone(self, pod_id: str) -> str | None:
+        """Why RunPod says this pod can never answer again, or None (alive / API hiccup)."""
+        try:
+            pod = self.api.get_pod(pod_id)
+        except Exception:  # noqa: BLE001 - an API hiccup is not a dead pod
+            return None
+        if pod is None:
+            return f"pod {pod_id} is gone from RunPod"
+        if not pod_is_alive(pod):
+            return f"pod {pod_id} is {pod.get('desiredStatus')} on RunPod (its container exited)"
+        return None
+
+    def _attach_or_create(self, run: Run) -> tuple[str, Run, bool]:
+        """(pod_id, run, job_submitted_before). Exactly one process creates a pod for a run."""
+        rid = run.id
+        assert rid is not None
+        deadline = time.monotonic() + CREATE_LEASE_S + 60.0
+        while True:
+            if run.status in TERMINAL_RUN_STATUSES:
+                raise _RunEnded()
+            if run.pod_id and run.pod_token:
+                gone = self._pod_gone(run.pod_id)
+                if gone is None:
+                    log.info("run %s: re-attaching to pod %s", rid, run.pod_id)
+                    return run.pod_id, run, run.status == "running"
+                # Its pod is gone or exited: terminate (an exited pod still bills) and bill it.
+                self._release(rid, run.pod_id, end_run=False)
+                if run.status == "running":  # it had our job: fail clearly, no silent re-spend
+                    raise PodGone(f"{gone} while the bot was away; training was lost")
+            elif run.pod_token:  # crashed between create and saving pod_id? adopt by name
+                for pod in self.api.list_pods():
+                    if pod.get("name") == pod_name(rid) and pod_is_alive(pod):
+                        log.info("run %s: adopting pod %s by name", rid, pod["id"])
+                        return str(pod["id"]), self._update(rid, pod_id=str(pod["id"])), False
+            lease_over = pod_seconds(run) > CREATE_LEASE_S
+            if run.pod_token is None or run.pod_id is not None or lease_over:
+                token = secrets.token_urlsafe(32)
+                if self._claim_pod_slot(run, token):
+                    return self._create(rid, token)
+            elif time.monotonic() > deadline:
+                raise RuntimeError("timed out waiting for another process to create the pod")
+            # Another process holds the slot: wait for its pod (or its verdict).
+            time.sleep(min(1.0, self.settings.tuner_poll_interval_s))
+            run = self._load(rid)
+
+    def _claim_pod_slot(self, run: Run, token: str) -> bool:
+        """Compare-and-set: swap in a new pod token only if nobody changed token/pod_id since
+        we read the run. The winner alone creates the pod."""
+        tok, pid = col(Run.pod_token), col(Run.pod_id)
+        stmt = (
+            update(Run)
+            .where(col(Run.id) == run.id,
+                   tok.is_(None) if run.pod_token is None else tok == run.pod_token,
+                   pid.is_(None) if run.pod_id is None else pid == run.pod_id,
+                   col(Run.status).in_(ACTIVE_STATUSES))
+            .values(pod_token=token, pod_id=None, status="starting", started_at=utcnow(), error=None)
+        )
+        with self.db.session() as s:
+            won = s.connection().execute(stmt).rowcount == 1
+            s.commit()
+        return won
+
+    def _create(self, run_id: int, token: str) -> tuple[str, Run, bool]:
         env = {TOKEN_ENV: token, "TUNER_TRAIN_B64": pod_bundle_b64(), "PYTHONUNBUFFERED": "1"}
         if self.settings.hf_token:
             env["HF_TOKEN"] = self.settings.hf_token.get_secret_value()
         pod_id, choice = self.api.create_pod_with_fallback(
-            pod_name(run.id), self.settings.tuner_pod_image, env,
+            pod_name(run_id), self.settings.tuner_pod_image, env,
             self.settings.gpu_types, self.settings.cloud_types, docker_args=POD_START_CMD,
         )
-        run = self._update(run.id, pod_id=pod_id, gpu_type=choice.gpu_type,
+        run = self._update(run_id, pod_id=pod_id, gpu_type=choice.gpu_type,
                            cloud_type=choice.cloud_type, price_per_hour=choice.price_per_hour)
-        return pod_id, run
+        return pod_id, run, False
 
     def _poll(self, run: Run, client: PodClient,
               on_progress: Callable[[RunSnapshot], None]) -> RunOutcome | None:
@@ -392,14 +477,20 @@ class TrainingService:
                 failures = 0
             except PodUnreachable as exc:
                 failures += 1
-                if not pod_is_alive(self.api.get_pod(run.pod_id)):
-                    raise PodUnreachable(f"pod {run.pod_id} disappeared from RunPod mid-training") from None
+                gone = self._pod_gone(run.pod_id)
+                if gone is not None:
+                    raise PodGone(f"{gone} mid-training (pod disappeared or crashed)") from None
                 if failures >= MAX_UNREACHABLE_POLLS:
                     raise PodUnreachable(
                         f"pod {run.pod_id} stopped answering {failures} polls in a row ({exc}); "
                         "the training process probably crashed"
                     ) from None
                 p = None
+            if p is not None and p.job_id != f"run-{run.id}":
+                raise PodError(
+                    f"pod {run.pod_id} no longer has this run's job (state {p.state}): its "
+                    "training process restarted and the training was lost"
+                )
             if p is not None:
                 last = p
                 self._store_metrics(run.id, p)
@@ -443,7 +534,7 @@ class TrainingService:
     def _finish(self, run: Run, client: PodClient, p: Progress) -> RunOutcome:
         assert run.id is not None
         if p.state == "failed":
-            run = self._update(run.id, status="failed", ended_at=utcnow(),
+            run = self._end(run.id, status="failed",
                                error=f"training failed on the pod: {p.error or 'unknown error'}",
                                best_eval_loss=p.best_eval_loss, best_step=p.best_step)
             return self._outcome(run)
@@ -457,10 +548,10 @@ class TrainingService:
         # Deployment pulls the merged model from the Hub, so a pushed repo wins.
         artifact_uri = f"hf://{results.hf_repo}" if results.hf_repo else adapter_dir
         gens = {g.id: g.output for g in results.generations}
-        run = self._update(
+        run = self._end(
             run.id, status=results.state if results.state in ("succeeded", "stopped") else p.state,
             best_eval_loss=results.best_eval_loss, best_step=results.best_step,
-            artifact_uri=artifact_uri, ended_at=utcnow(),
+            artifact_uri=artifact_uri,
             # generations are kept on the run: the judge and later nightly comparisons
             # against this run (as champion) read them from here.
             config={**(run.config or {}), "hf_repo": results.hf_repo, "adapter_dir": adapter_dir,
@@ -473,18 +564,43 @@ class TrainingService:
             return f"Training pod failed: {exc}"
         return f"Training could not run: {type(exc).__name__}: {str(exc)[:300]}"
 
-    def _release(self, run_id: int, pod_id: str) -> None:
-        """Terminate the pod (retrying) and bill it once. Never raises."""
-        for attempt in range(3):
+    def _end(self, run_id: int, **fields: Any) -> Run:
+        """Move a run to a terminal status unless another process already did (first wins)."""
+        with self.db.session() as s:
+            run = s.get(Run, run_id)
+            assert run is not None
+            if run.status in TERMINAL_RUN_STATUSES:
+                return run
+            for k, v in {"ended_at": utcnow(), **fields}.items():
+                setattr(run, k, v)
+            s.add(run)
+            s.commit()
+            s.refresh(run)
+            return run
+
+    def _release(self, run_id: int, pod_id: str, *, end_run: bool = True) -> bool:
+        """Terminate the pod (retrying with backoff), then bill it once up to that moment.
+        If it cannot be terminated, nothing is billed here: the pod belongs to no live run,
+        so the reaper terminates it later and bills up to then. Never raises."""
+        delay = min(1.0, max(0.01, self.settings.tuner_poll_interval_s))
+        for attempt in range(RELEASE_ATTEMPTS):
             try:
                 self.api.terminate_pod(pod_id)
                 break
             except Exception as exc:  # noqa: BLE001
-                log.warning("terminate %s failed (%s); attempt %d", pod_id, type(exc).__name__, attempt)
-                time.sleep(1.0)
+                log.warning("terminate %s failed (%s); attempt %d", pod_id, type(exc).__name__, attempt + 1)
+                if attempt + 1 < RELEASE_ATTEMPTS:
+                    time.sleep(delay * 2**attempt)
+        else:
+            log.error("pod %s could not be terminated; left to the reaper", pod_id)
+            return False
         end = utcnow()  # billing runs until the pod is terminated
-        run = self._update(run_id, ended_at=end)
-        bill_pod_once(self.db, run, pod_id, pod_seconds(run, end), run.price_per_hour or 0.0)
+        try:
+            run = self._update(run_id, ended_at=end) if end_run else self._load(run_id)
+            bill_pod_once(self.db, run, pod_id, pod_seconds(run, end), run.price_per_hour or 0.0)
+        except Exception:  # noqa: BLE001
+            log.exception("billing pod %s failed", pod_id)
+        return True
 
     def _outcome(self, run: Run) -> RunOutcome:
         return RunOutcome(

@@ -11,7 +11,12 @@
 - /proxy/{pod_id}-{port}/... is a reverse proxy to that process (502 while it is not
   listening or after a crash, 404 for unknown/terminated pods), matching
   TUNER_POD_URL_TEMPLATE="http://127.0.0.1:{fake_port}/proxy/{pod_id}-{port}".
-- Billing: seconds from create to terminate (or to vanishing) per pod.
+- Billing: seconds from create to terminate (or to vanishing) per pod. An EXITED pod
+  (crash(exited=True): its container's process ended) still bills until terminated.
+- Failure injection (real RunPod behaviours): `terminate_failures = n` makes the next n
+  podTerminate calls fail with RunPod's internal-error GraphQL message; `create_delay_s`
+  delays the answer to podFindAndDeployOnDemand AFTER the pod exists (a client killed
+  meanwhile never learns the pod id).
 - Extension points: add_graphql_handler(fn(query, variables) -> response|None) for
   queries this fake doesn't know (e.g. serverless templates/endpoints), and
   add_route_handler(fn(method, path, headers, body) -> (status, headers, body)|None)
@@ -209,6 +214,7 @@ class FakePod:
     created_at: float = field(default_factory=time.monotonic)
     ended_at: float | None = None  # terminated or vanished
     terminated: bool = False
+    status: str = "RUNNING"  # desiredStatus: RUNNING | EXITED
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -245,6 +251,9 @@ class FakeRunPod:
         self.workroot = workroot or Path(tempfile.mkdtemp(prefix="fake-runpod-"))
         self.pods: dict[str, FakePod] = {}
         self.create_attempts: list[tuple[str, str]] = []
+        self.terminate_failures = 0
+        self.terminate_calls = 0
+        self.create_delay_s = 0.0
         self.queries: list[str] = []
         self._gql_handlers: list[GraphQLHandler] = []
         self._route_handlers: list[RouteHandler] = []
@@ -332,12 +341,15 @@ class FakeRunPod:
     def billed_seconds(self, pod_id: str) -> float:
         return self.pods[pod_id].billed_seconds()
 
-    def crash(self, pod_id: str, *, vanish: bool = False) -> None:
-        """Kill the pod's process. vanish=True: the pod also disappears (host lost)."""
+    def crash(self, pod_id: str, *, vanish: bool = False, exited: bool = False) -> None:
+        """Kill the pod's process. vanish=True: the pod also disappears (host lost).
+        exited=True: RunPod reports the pod EXITED (still listed, still billed)."""
         pod = self.pods[pod_id]
         if pod.proc and pod.proc.poll() is None:
             pod.proc.kill()
             pod.proc.wait(10)
+        if exited:
+            pod.status = "EXITED"
         if vanish:
             with self._lock:
                 pod.ended_at = time.monotonic()
@@ -422,6 +434,8 @@ class FakeRunPod:
             self.pods[pod_id] = pod
         if self.run_pods:
             self._spawn(pod)
+        if self.create_delay_s:
+            time.sleep(self.create_delay_s)
         return {
             "data": {
                 "podFindAndDeployOnDemand": {
@@ -437,6 +451,10 @@ class FakeRunPod:
         if args is None:
             return None
         pod = self.pods.get(args["input"]["podId"])
+        self.terminate_calls += 1
+        if self.terminate_failures > 0:
+            self.terminate_failures -= 1
+            return _err("Something went wrong. Please try again later or contact support.")
         if pod is None or not pod.alive:
             return _err("Pod not found")
         self._kill(pod)
@@ -451,7 +469,7 @@ class FakeRunPod:
     def _pod_json(self, pod: FakePod) -> dict[str, Any]:
         return {
             "id": pod.id, "name": pod.name, "imageName": pod.image,
-            "desiredStatus": "RUNNING", "costPerHr": pod.price,
+            "desiredStatus": pod.status, "costPerHr": pod.price,
             "dockerArgs": pod.docker_args, "dockerId": None,
             "env": [f"{k}={v}" for k, v in pod.env.items()],
             "gpuCount": 1, "containerDiskInGb": 40, "memoryInGb": 31, "vcpuCount": 8,
