@@ -1,10 +1,32 @@
 """Deploy a trained run's merged model (on the HF Hub) to a RunPod serverless endpoint.
 
 Flow: template (worker-vllm image, MODEL_NAME=<hf repo>) -> endpoint (tuner-..., workers
-0..1) -> smoke request via /run, polled until COMPLETED (a scale-from-zero endpoint only
-gets a worker once a job is queued, so "healthy" = workers ready or the smoke job done)
--> costs -> Deployment(status="healthy"). On any failure the endpoint and template are
-deleted so nothing is left billing, the Deployment is marked failed and DeployError raised.
+0..1) -> smoke requests via /run, each polled until COMPLETED (a scale-from-zero endpoint
+only gets a worker once a job is queued, so "healthy" = the first smoke job done) -> costs
+-> Deployment(status="healthy"). On any failure the endpoint and template are deleted so
+nothing is left billing, the Deployment is marked failed and DeployError raised.
+
+Held-out sample: the run's dataset examples, split "test" first, then "val", then "train"
+(ordered by id), each sent with the approved task spec's system prompt, exactly as the
+model was trained and judged.
+
+Cost per 1k requests, both sides from measured numbers:
+
+* fine-tuned (`cost_per_1k_usd`): SMOKE_REQUESTS smoke jobs, one after another, on
+  held-out prompts (the fixed SMOKE_PROMPT when the project has no examples);
+      1000 * mean(executionTime_s) * SERVERLESS_PRICE_PER_S[gpu pool]
+  i.e. a warm worker serving one request at a time; cold starts (delayTime) and idle
+  time are not included, and vLLM batching concurrent requests only makes it cheaper.
+  The jobs' usage tokens go to the spend ledger's detail with their cost.
+* big model (`big_model_cost_per_1k_usd`): for up to BIG_MODEL_SAMPLE held-out examples,
+  Claude's token counter (POST /v1/messages/count_tokens, free) measures
+      in_i  = count(system, [user: prompt_i])
+      out_i = count(system, [user: prompt_i, assistant: reference_i]) - in_i
+  where reference_i is the example's big-model reference output (its response when none;
+  the assistant turn's few framing tokens are included), then
+      1000 * (mean(in) * input_price + mean(out) * output_price) / 1e6
+  with storage.spend.CLAUDE_PRICES for settings.tuner_claude_model. Without a token counter
+  (Claude not configured) or when counting fails it is None: never a guess.
 """
 
 from __future__ import annotations
@@ -13,15 +35,15 @@ import logging
 import shlex
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-from sqlmodel import select
+from sqlmodel import col, select
 
 from jobs.serverless import PENDING, TERMINAL_BAD, TERMINAL_OK, ServerlessClient, ServerlessError
 from storage import spend
 from storage.db import Database
 from storage.redact import redact
-from storage.models import Deployment, Example, Run, utcnow
+from storage.models import Deployment, Example, Run, TaskSpecRow, utcnow
 from storage.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,8 +59,17 @@ SERVERLESS_PRICE_PER_S: dict[str, float] = {
     "ADA_80_PRO": 0.00116,
 }
 DEFAULT_GPU_IDS = "AMPERE_24"
-CHARS_PER_TOKEN = 4.0  # estimate for the big model's tokens from example text
 SMOKE_PROMPT = "Reply with one short sentence: are you ready?"
+SMOKE_REQUESTS = 3  # smoke jobs whose execution time is averaged for the fine-tuned cost
+BIG_MODEL_SAMPLE = 8  # held-out examples whose tokens Claude counts for the big-model cost
+MAX_MODEL_LEN = 2048
+_SPLIT_ORDER = {"test": 0, "val": 1, "train": 2}
+
+
+class TokenCounter(Protocol):
+    """Counts the input tokens of a Claude request (jobs.claude.ClaudeClient implements it)."""
+
+    def count_tokens(self, system: str, messages: list[dict[str, Any]], model: str | None = None) -> int: ...
 
 
 class DeployError(RuntimeError):
@@ -101,6 +132,22 @@ def _usage(output: Any) -> tuple[int, int]:
     return tin, tout
 
 
+def fine_tuned_cost_per_1k(exec_times_s: list[float], price_per_s: float) -> float:
+    """1000 * mean execution seconds * worker USD/s (warm worker, one request at a time)."""
+    if not exec_times_s:
+        return 0.0
+    return 1000 * price_per_s * sum(exec_times_s) / len(exec_times_s)
+
+
+def big_model_cost_per_1k(model: str, input_tokens: list[int], output_tokens: list[int]) -> float:
+    """1000 * (mean input tokens * input price + mean output tokens * output price) / 1e6."""
+    if not input_tokens or len(input_tokens) != len(output_tokens):
+        raise ValueError("need one output count per input count, at least one")
+    n = len(input_tokens)
+    pin, pout = spend.CLAUDE_PRICES.get(model, spend.DEFAULT_CLAUDE_PRICE)
+    return 1000 * (sum(input_tokens) / n * pin + sum(output_tokens) / n * pout) / 1_000_000
+
+
 class DeployService:
     def __init__(
         self,
@@ -113,8 +160,10 @@ class DeployService:
         poll_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        token_counter: TokenCounter | None = None,
     ) -> None:
         self.db = db
+        self.token_counter = token_counter
         self.settings = settings
         self.client = client
         self.gpu_ids = gpu_ids
@@ -145,7 +194,7 @@ class DeployService:
             raise DeployError(msg) from exc
 
     def _bring_up(self, dep: Deployment) -> Deployment:
-        env = {"MODEL_NAME": dep.model_ref, "MAX_MODEL_LEN": "2048", "GPU_MEMORY_UTILIZATION": "0.90"}
+        env = {"MODEL_NAME": dep.model_ref, "MAX_MODEL_LEN": str(MAX_MODEL_LEN), "GPU_MEMORY_UTILIZATION": "0.90"}
         if self.settings.hf_token is not None and self.settings.hf_token.get_secret_value():
             env["HF_TOKEN"] = self.settings.hf_token.get_secret_value()
         tpl = self.client.create_template(template_name(dep), self.settings.tuner_vllm_image, env)
@@ -154,32 +203,61 @@ class DeployService:
             endpoint_name(dep), tpl, gpu_ids=self.gpu_ids, workers_min=0, workers_max=1
         )
         self._save(dep, endpoint_id=eid)
-        job = self._smoke(eid)
-        exec_s = float(job.get("executionTime") or 0) / 1000.0
-        price = SERVERLESS_PRICE_PER_S.get(self.gpu_ids.split(",")[0].strip(), SERVERLESS_PRICE_PER_S[DEFAULT_GPU_IDS])
-        tin, tout = _usage(job.get("output"))
-        spend.record(
-            self.db,
-            kind="endpoint",
-            usd=price * exec_s,
-            quantity=exec_s,
-            project_id=dep.project_id,
-            run_id=dep.run_id,
-            detail=f"smoke request on {eid}: {exec_s:.2f}s, {tin}+{tout} tokens",
-        )
+        system, examples, max_tokens = self._held_out(dep.project_id, dep.run_id)
+        prompts = [e.prompt for e in examples[:SMOKE_REQUESTS]] or [SMOKE_PROMPT]
+        price = self.price_per_s()
+        exec_times: list[float] = []
+        for i, prompt in enumerate(prompts, start=1):
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}
+            ]
+            job = self._smoke(eid, messages, max_tokens)
+            exec_s = float(job.get("executionTime") or 0) / 1000.0
+            tin, tout = _usage(job.get("output"))
+            exec_times.append(exec_s)
+            spend.record(
+                self.db,
+                kind="endpoint",
+                usd=price * exec_s,
+                quantity=exec_s,
+                project_id=dep.project_id,
+                run_id=dep.run_id,
+                detail=f"smoke request {i}/{len(prompts)} on {eid}: {exec_s:.2f}s, {tin}+{tout} tokens",
+            )
         return self._save(
             dep,
             status="healthy",
-            cost_per_1k_usd=price * exec_s * 1000,
-            big_model_cost_per_1k_usd=self.big_model_cost_per_1k(dep.project_id),
+            cost_per_1k_usd=fine_tuned_cost_per_1k(exec_times, price),
+            big_model_cost_per_1k_usd=self._big_model_cost_safe(system, examples),
         )
 
-    def _smoke(self, endpoint_id: str) -> dict[str, Any]:
+    def price_per_s(self) -> float:
+        """Flex worker USD/s of the first GPU pool asked for (AMPERE_24's when unknown)."""
+        pool = self.gpu_ids.split(",")[0].strip()
+        return SERVERLESS_PRICE_PER_S.get(pool, SERVERLESS_PRICE_PER_S[DEFAULT_GPU_IDS])
+
+    def _held_out(self, project_id: int, run_id: int | None) -> tuple[str, list[Example], int]:
+        """(system prompt, sample of held-out examples, max output tokens) for the run."""
+        with self.db.session() as s:
+            spec_row = s.exec(
+                select(TaskSpecRow)
+                .where(TaskSpecRow.project_id == project_id, TaskSpecRow.approved)
+                .order_by(col(TaskSpecRow.version).desc(), col(TaskSpecRow.id).desc())
+            ).first()
+            run = s.get(Run, run_id) if run_id is not None else None
+            q = select(Example).where(Example.project_id == project_id)
+            if run is not None and run.dataset_id is not None:
+                q = q.where(Example.dataset_id == run.dataset_id)
+            rows = list(s.exec(q.order_by(col(Example.id))).all())
+        spec = (spec_row.spec or {}) if spec_row else {}
+        system = str(spec.get("system_prompt") or "")
+        max_tokens = min(int(spec.get("max_output_tokens") or 512), MAX_MODEL_LEN // 2)
+        rows.sort(key=lambda e: _SPLIT_ORDER.get(e.split, len(_SPLIT_ORDER)))  # stable: ids stay ordered
+        return system, rows[: max(BIG_MODEL_SAMPLE, SMOKE_REQUESTS)], max_tokens
+
+    def _smoke(self, endpoint_id: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
         """Queue one chat request and poll it to COMPLETED; DeployError otherwise."""
-        payload = {
-            "messages": [{"role": "user", "content": SMOKE_PROMPT}],
-            "sampling_params": {"max_tokens": 32},
-        }
+        payload = {"messages": messages, "sampling_params": {"max_tokens": max_tokens}}
         job_id = self.client.submit(endpoint_id, payload)
         deadline = self.clock() + self.ready_timeout_s
         last: dict[str, Any] = {}
@@ -214,15 +292,38 @@ class DeployService:
             return "unknown"
         return ", ".join(f"{k} {v}" for k, v in sorted(w.items())) or "none"
 
-    def big_model_cost_per_1k(self, project_id: int) -> float | None:
-        """What 1k requests cost on the big model, from the project's example sizes."""
-        with self.db.session() as s:
-            rows = s.exec(select(Example.prompt, Example.response).where(Example.project_id == project_id)).all()
-        if not rows:
+    def big_model_cost_per_1k(self, project_id: int, run_id: int | None = None) -> float | None:
+        """USD for 1k requests on the big model, from Claude's counts of held-out examples.
+
+        None without a token counter or examples. Raises what the counter raises.
+        """
+        system, examples, _ = self._held_out(project_id, run_id)
+        return self._big_model_cost(system, examples)
+
+    def _big_model_cost(self, system: str, examples: list[Example]) -> float | None:
+        counter = self.token_counter
+        sample = examples[:BIG_MODEL_SAMPLE]
+        if counter is None or not sample:
             return None
-        tin = sum(len(p) for p, _ in rows) / len(rows) / CHARS_PER_TOKEN
-        tout = sum(len(r) for _, r in rows) / len(rows) / CHARS_PER_TOKEN
-        return spend.claude_cost(self.settings.tuner_claude_model, int(round(tin)), int(round(tout))) * 1000
+        model = self.settings.tuner_claude_model
+        tins: list[int] = []
+        touts: list[int] = []
+        for e in sample:
+            ask = [{"role": "user", "content": e.prompt}]
+            answer = e.reference if e.reference is not None else e.response
+            tin = counter.count_tokens(system, ask, model=model)
+            full = counter.count_tokens(system, ask + [{"role": "assistant", "content": answer}], model=model)
+            tins.append(tin)
+            touts.append(max(0, full - tin))
+        return big_model_cost_per_1k(model, tins, touts)
+
+    def _big_model_cost_safe(self, system: str, examples: list[Example]) -> float | None:
+        # The endpoint is already healthy: a failed (free) count must not tear it down.
+        try:
+            return self._big_model_cost(system, examples)
+        except Exception as exc:  # noqa: BLE001 - any counter failure only loses the comparison
+            log.warning("big-model cost not measured: %s", redact(str(exc), self.settings))
+            return None
 
     # ---------------------------------------------------------------- undeploy
     def undeploy(self, deployment_id: int) -> Deployment:

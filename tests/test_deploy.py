@@ -7,12 +7,22 @@ from collections.abc import Iterator
 import pytest
 from sqlmodel import select
 
-from jobs.deploy import DeployError, DeployService, curl_example, template_name
+from jobs.claude import ClaudeAPIError, ClaudeClient
+from jobs.deploy import (
+    BIG_MODEL_SAMPLE,
+    SMOKE_PROMPT,
+    SMOKE_REQUESTS,
+    DeployError,
+    DeployService,
+    curl_example,
+    template_name,
+)
 from jobs.serverless import ServerlessClient, gql_escape
 from storage import spend
 from storage.db import Database
-from storage.models import Deployment, Example, Project, Run
+from storage.models import Dataset, Deployment, Example, Project, Run, SpendEntry, TaskSpecRow
 from storage.settings import Settings
+from tests.fakes.anthropic_fake import API_KEY, MESSAGE_OVERHEAD_TOKENS, FakeAnthropic, count_text_tokens
 from tests.fakes.runpod_serverless_fake import FakeServerless
 
 RP_KEY = "rp-secret-key-123"
@@ -39,19 +49,67 @@ def fake() -> Iterator[FakeServerless]:
         yield f
 
 
-def _project_run(db: Database, artifact: str | None = "hf://acme/tuner-support-1") -> tuple[int, int]:
+SYSTEM = "You triage support tickets: reply with the team and one short reason."
+
+
+def _project_run(
+    db: Database, artifact: str | None = "hf://acme/tuner-support-1", *, n_test: int = 10, with_examples: bool = True
+) -> tuple[int, int]:
+    """A project with an approved spec and a dataset: train/val examples first, then test ones."""
     with db.session() as s:
         p = Project(thread_id="T:C:1.0", team_id="T", channel_id="C", thread_ts="1.0", created_by="U", name="support")
         s.add(p)
         s.commit()
         s.refresh(p)
-        for i in range(4):
-            s.add(Example(project_id=p.id, prompt="q" * 400, response="a" * 200, content_hash=f"h{i}"))
-        r = Run(project_id=p.id, status="succeeded", artifact_uri=artifact)
+        s.add(TaskSpecRow(project_id=p.id, approved=True,
+                          spec={"system_prompt": SYSTEM, "max_output_tokens": 300}))
+        ds = Dataset(project_id=p.id)
+        s.add(ds)
+        s.commit()
+        s.refresh(ds)
+        rows: list[tuple[str, str, str, str | None]] = []
+        if with_examples:
+            rows += [("train", "train prompt?", "train answer.", None), ("val", "val prompt?", "val answer.", None)]
+            for i in range(n_test):
+                prompt = f"Ticket {i}: my login fails -- " + "error, " * i + "help!"
+                response = f"Team: auth. Reason: login ({i})."
+                reference = None if i % 2 else f"Team: auth; reason: the login service ({i}) " + "is down " * (i + 1)
+                rows.append(("test", prompt, response, reference))
+        for i, (split, prompt, response, ref) in enumerate(rows):
+            s.add(Example(project_id=p.id, dataset_id=ds.id, prompt=prompt, response=response, reference=ref,
+                          split=split, content_hash=f"h{i}"))
+        r = Run(project_id=p.id, dataset_id=ds.id, status="succeeded", artifact_uri=artifact)
         s.add(r)
         s.commit()
         s.refresh(r)
         return p.id, r.id
+
+
+def _test_examples(db: Database, pid: int) -> list[Example]:
+    with db.session() as s:
+        return list(s.exec(select(Example).where(Example.project_id == pid, Example.split == "test")
+                           .order_by(Example.id)).all())
+
+
+def _expected_big_model_per_1k(examples: list[Example], model: str) -> float:
+    """From the fake tokenizer's counts: system + framed prompt in, framed reference out."""
+    tins = [count_text_tokens(SYSTEM) + MESSAGE_OVERHEAD_TOKENS + count_text_tokens(e.prompt) for e in examples]
+    touts = [MESSAGE_OVERHEAD_TOKENS + count_text_tokens(e.reference if e.reference is not None else e.response)
+             for e in examples]
+    pin, pout = spend.CLAUDE_PRICES[model]
+    n = len(examples)
+    return (sum(tins) / n * pin + sum(touts) / n * pout) / 1e6 * 1000
+
+
+@pytest.fixture
+def claude() -> Iterator[FakeAnthropic]:
+    with FakeAnthropic.running(lambda req: "unused") as f:
+        yield f
+
+
+def _counter(claude: FakeAnthropic, db: Database, key: str = API_KEY) -> ClaudeClient:
+    settings = Settings(_env_file=None, anthropic_api_key=key, anthropic_base_url=claude.base_url)
+    return ClaudeClient(settings, db, max_retries=0)
 
 
 def _service(db, fake, monkeypatch, **kw) -> DeployService:
@@ -59,10 +117,15 @@ def _service(db, fake, monkeypatch, **kw) -> DeployService:
     return DeployService(db, settings, ServerlessClient(settings), poll_s=0.0, **kw)
 
 
-def test_deploy_happy_path(db, fake, monkeypatch):
+def test_deploy_happy_path(db, fake, monkeypatch, claude):
     fake.queue_polls, fake.progress_polls = 2, 2
     pid, rid = _project_run(db)
-    svc = _service(db, fake, monkeypatch)
+
+    # each smoke job takes longer than the last (1.5 s, 2.0 s, 2.5 s) so averaging shows
+    def sleep(_s: float) -> None:
+        fake.execution_ms = 1000 + 500 * len(fake.jobs)
+
+    svc = _service(db, fake, monkeypatch, sleep=sleep, token_counter=_counter(claude, db))
     dep = svc.deploy(pid, rid)
 
     assert dep.status == "healthy" and dep.endpoint_id in fake.live_endpoints
@@ -74,13 +137,32 @@ def test_deploy_happy_path(db, fake, monkeypatch):
     assert tpl["env"]["MODEL_NAME"] == "acme/tuner-support-1"
     assert tpl["env"]["HF_TOKEN"] == HF_KEY  # passed as env only
 
-    # the smoke job walked IN_QUEUE -> IN_PROGRESS -> COMPLETED via /status polls
-    assert fake.status_log == ["IN_QUEUE", "IN_QUEUE", "IN_PROGRESS", "IN_PROGRESS", "COMPLETED"]
-    # cost: 1.5 s execution on AMPERE_24 at 0.00019 $/s, per 1k requests
-    assert dep.cost_per_1k_usd == pytest.approx(0.00019 * 1.5 * 1000)
-    # big model: 100 in / 50 out tokens per request on sonnet (3/15 per M) x 1000
-    assert dep.big_model_cost_per_1k_usd == pytest.approx((100 * 3 + 50 * 15) / 1e6 * 1000)
-    assert spend.by_kind(db, project_id=pid)["endpoint"] == pytest.approx(0.00019 * 1.5)
+    # three smoke jobs, one after another, each IN_QUEUE -> IN_PROGRESS -> COMPLETED via /status
+    assert fake.status_log == ["IN_QUEUE", "IN_QUEUE", "IN_PROGRESS", "IN_PROGRESS", "COMPLETED"] * SMOKE_REQUESTS
+    # ... on the first held-out (test split) prompts, with the spec's system prompt and output cap
+    held = _test_examples(db, pid)
+    payloads = [j.payload for j in fake.jobs.values()]
+    assert [p["messages"] for p in payloads] == [
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": e.prompt}] for e in held[:SMOKE_REQUESTS]
+    ]
+    assert all(p["sampling_params"]["max_tokens"] == 300 for p in payloads)
+
+    # fine-tuned cost: mean execution time x AMPERE_24 price, per 1k requests
+    exec_s = [1.5, 2.0, 2.5]
+    assert dep.cost_per_1k_usd == pytest.approx(0.00019 * sum(exec_s) / 3 * 1000)
+    assert spend.by_kind(db, project_id=pid)["endpoint"] == pytest.approx(0.00019 * sum(exec_s))
+
+    # big model: Claude's counts of the first BIG_MODEL_SAMPLE held-out examples, priced for the model
+    model = svc.settings.tuner_claude_model
+    assert dep.big_model_cost_per_1k_usd == pytest.approx(_expected_big_model_per_1k(held[:BIG_MODEL_SAMPLE], model))
+    counted = claude.count_requests
+    assert len(counted) == 2 * BIG_MODEL_SAMPLE and len(held) > BIG_MODEL_SAMPLE
+    assert all(r["model"] == model and r["system"] == SYSTEM for r in counted)
+    assert counted[1]["messages"][-1] == {"role": "assistant", "content": held[0].reference}
+    assert counted[3]["messages"][-1] == {"role": "assistant", "content": held[1].response}  # no reference
+    # counting is free: the ledger has no Claude entry
+    with db.session() as s:
+        assert s.exec(select(SpendEntry).where(SpendEntry.kind == "claude_tokens")).all() == []
 
     curl = curl_example(dep, svc.client.endpoint_base_url)
     assert f"/{dep.endpoint_id}/openai/v1/chat/completions" in curl
@@ -94,6 +176,50 @@ def test_deploy_happy_path(db, fake, monkeypatch):
     removed = svc.undeploy(dep.id)
     assert removed.status == "removed" and removed.removed_at is not None
     assert fake.live_endpoints == [] and fake.live_templates == []
+
+
+def test_few_held_out_examples_all_counted(db, fake, monkeypatch, claude):
+    pid, rid = _project_run(db, n_test=2)
+    svc = _service(db, fake, monkeypatch, token_counter=_counter(claude, db))
+    dep = svc.deploy(pid, rid)
+    with db.session() as s:
+        val = s.exec(select(Example).where(Example.split == "val")).one()
+    # sample = both test examples, then the val one (test first, then val, then train)
+    sample = _test_examples(db, pid) + [val]
+    assert len(fake.jobs) == SMOKE_REQUESTS == 3
+    assert [j.payload["messages"][-1]["content"] for j in fake.jobs.values()] == [e.prompt for e in sample]
+    assert len(claude.count_requests) == 2 * 4  # 2 test + val + train
+    with db.session() as s:
+        train = s.exec(select(Example).where(Example.split == "train")).one()
+    assert dep.big_model_cost_per_1k_usd == pytest.approx(
+        _expected_big_model_per_1k(sample + [train], svc.settings.tuner_claude_model))
+    assert dep.cost_per_1k_usd == pytest.approx(0.00019 * 1.5 * 1000)
+
+
+def test_without_examples_smoke_prompt_and_no_big_model_cost(db, fake, monkeypatch, claude):
+    pid, rid = _project_run(db, with_examples=False)
+    svc = _service(db, fake, monkeypatch, token_counter=_counter(claude, db))
+    dep = svc.deploy(pid, rid)
+    assert dep.status == "healthy" and dep.big_model_cost_per_1k_usd is None
+    (job,) = fake.jobs.values()
+    assert job.payload["messages"] == [{"role": "system", "content": SYSTEM}, {"role": "user", "content": SMOKE_PROMPT}]
+    assert claude.count_requests == []
+
+
+def test_no_counter_or_failed_count_leaves_big_model_cost_unknown(db, fake, monkeypatch, claude, caplog):
+    pid, rid = _project_run(db, n_test=3)
+    dep = _service(db, fake, monkeypatch).deploy(pid, rid)
+    assert dep.status == "healthy" and dep.big_model_cost_per_1k_usd is None and dep.cost_per_1k_usd
+
+    # a rejected key: the endpoint stays up (counting is only the comparison), nothing leaks
+    svc = _service(db, fake, monkeypatch, token_counter=_counter(claude, db, key="sk-ant-wrong"))
+    dep2 = svc.deploy(pid, rid)
+    assert dep2.status == "healthy" and dep2.big_model_cost_per_1k_usd is None
+    assert dep2.endpoint_id in fake.live_endpoints
+    assert "big-model cost not measured" in caplog.text and "401" in caplog.text
+    assert "sk-ant-wrong" not in caplog.text
+    with pytest.raises(ClaudeAPIError, match="401"):
+        svc.big_model_cost_per_1k(pid, rid)
 
 
 def test_never_healthy_cleans_up(db, fake, monkeypatch):

@@ -12,7 +12,7 @@ Speaks the documented wire format:
                          retry-after header, 400 invalid_request_error, 404 not_found_error).
 
 The fake tokenizer is deterministic and documented so tests can compute expected counts:
-a token is a run of word characters or one punctuation character (`\w+|[^\w\s]`); a
+a token is a run of word characters or one punctuation character (`_TOKEN`); a
 request is its system prompt's tokens plus, per message, MESSAGE_OVERHEAD_TOKENS (role
 framing) plus its text's tokens.
 
