@@ -106,7 +106,7 @@ def check_runpod(settings: Settings) -> Check:
 
 def check_hf(settings: Settings) -> Check:
     if settings.hf_token is None:
-        return Check("HF_TOKEN", MISSING, "optional: needed to push merged models for deploy",
+        return Check("HF_TOKEN", MISSING, "needed to push merged models for deploy",
                      required=False)
     return Check("HF_TOKEN", OK, "set (not verified offline)", required=False)
 
