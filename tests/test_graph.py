@@ -288,6 +288,56 @@ def test_define_samples_feedback_generate_to_launch_card(env: Env) -> None:
     assert any("Dataset ready: 1000 examples in" in t for t in env.notifier.texts("say"))
 
 
+def test_edited_sample_is_reasked_and_becomes_a_gold_training_example(env: Env) -> None:
+    env.claude.example_count = 40
+    env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1", text="triage")
+    assert env.runner.reply(TID, "U1", "Labels are billing, bug, other")
+    assert env.runner.reply(TID, "U1", "Short tickets")
+    assert env.runner.resume(TID, env.only_pending("spec"), {"action": "approve", "user": "U1"})
+    iid = env.only_pending("samples")
+    before = env.asks()[-1][1]["examples"]
+    gold = {"prompt": "Ticket 999: I was charged twice for the Pro plan this month",
+            "response": "billing"}
+
+    # An edit of a sample that does not exist: error, card asked again, nothing changed.
+    assert env.runner.resume(TID, iid, {"action": "edit", "index": 8, **gold, "user": "U1"})
+    assert env.notifier.texts("error")[-1] == "Couldn't apply the edit: there is no example 9."
+    iid = env.only_pending("samples")
+    assert env.asks()[-1][1]["examples"] == before
+
+    assert env.runner.resume(TID, iid, {"action": "edit", "index": 3, **gold, "user": "U1"})
+    assert env.runner.resume(TID, iid, {"action": "approve", "user": "U1"}) is False  # stale
+    new_iid = env.only_pending("samples")
+    assert new_iid != iid
+    card = env.asks()[-1][1]
+    assert card["examples"] == [*before[:3], gold, *before[4:]]
+    assert card["edited"] == [3] and card["round"] == 1
+    assert len(_requests(env.fake, "[tuner:samples]")) == 1  # re-asked, not regenerated
+
+    # Regenerating keeps the gold example as a few-shot in the next samples request.
+    assert env.runner.resume(TID, new_iid, {"action": "regenerate", "text": "more bugs",
+                                            "user": "U1"})
+    samples_reqs = _requests(env.fake, "[tuner:samples]")
+    assert gold["prompt"] not in json.dumps(samples_reqs[0])
+    assert gold["prompt"] in last_user_text(samples_reqs[1])
+    assert "more bugs" in last_user_text(samples_reqs[1])
+    round2 = env.only_pending("samples")
+    assert env.asks()[-1][1]["edited"] == [] and env.asks()[-1][1]["round"] == 2
+
+    assert env.runner.resume(TID, round2, {"action": "approve", "user": "U1"})
+    env.only_pending("launch")
+    gen_reqs = _requests(env.fake, "[tuner:generate]")
+    assert gen_reqs and all(gold["prompt"] in last_user_text(r) and "billing" in last_user_text(r)
+                            for r in gen_reqs)
+    with env.db.session() as s:
+        ds = s.exec(select(Dataset)).one()
+        rows = s.exec(select(Example).where(Example.prompt == gold["prompt"])).all()
+        assert [(r.response, r.split, r.dataset_id) for r in rows] == [("billing", "train", ds.id)]
+        assert ds.n_train + ds.n_val + ds.n_test == 40  # the gold example counts toward N
+    train_jsonl = env.notifier.texts("upload")[-1][1].decode()
+    assert gold["prompt"] in train_jsonl
+
+
 JSONL = "\n".join(
     json.dumps({"prompt": f"ticket {i}: " + " ".join(f"tok{i}x{j}" for j in range(12)),
                 "response": f"label {i % 3} because {i}"})
