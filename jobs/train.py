@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -188,8 +189,23 @@ def split_row(row: ChatRow, where: str = "row") -> tuple[list[dict[str, str]], d
     return msgs[:-1], msgs[-1]
 
 
+def _answer_ids(tokenizer: Any, answer_text: str) -> list[int]:
+    """Assistant-turn ids ending in exactly one end-of-sequence token: text a template puts after the
+    eos (Qwen/ChatML's trailing newline) is dropped, and an eos is appended when the template has none."""
+    ids = list(tokenizer(answer_text, add_special_tokens=False)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        return ids
+    if eos in ids:
+        return ids[: len(ids) - ids[::-1].index(eos)]
+    return ids + [eos]
+
+
 def tokenize_rows(tokenizer: Any, rows: list[ChatRow], max_len: int) -> list[dict[str, list[int]]]:
-    """input_ids/attention_mask/labels with the prompt masked (-100): train on responses only."""
+    """input_ids/attention_mask/labels with the prompt masked (-100): train on responses only.
+
+    Same effect as unsloth's ``train_on_responses_only`` but template-agnostic: the prompt is the
+    chat template rendered with ``add_generation_prompt=True``, so the assistant header is masked too."""
     out: list[dict[str, list[int]]] = []
     for row in rows:
         prompt, answer = split_row(row)
@@ -201,9 +217,7 @@ def tokenize_rows(tokenizer: Any, rows: list[ChatRow], max_len: int) -> list[dic
                 raise ValueError("chat template does not reproduce the assistant text")
             prompt_text = full_text[:cut]
         prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is not None and (not answer_ids or answer_ids[-1] != tokenizer.eos_token_id):
-            answer_ids.append(tokenizer.eos_token_id)
+        answer_ids = _answer_ids(tokenizer, full_text[len(prompt_text) :])
         ids = (prompt_ids + answer_ids)[:max_len]
         labels = ([-100] * len(prompt_ids) + answer_ids)[:max_len]
         if all(t == -100 for t in labels):
@@ -220,15 +234,247 @@ def _job_texts(job: JobRequest) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
+# Backend, precision and export decisions (pure; unit-tested on CPU)
+# ---------------------------------------------------------------------------
+
+UNSLOTH_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GGUF_QUANT = "q4_k_m"
+# ChatML closed by the tokenizer's own eos: for base models that ship no chat template.
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How this pod trains: which stack, on which device, in which precision, 4-bit base or not."""
+
+    backend: str  # "unsloth" | "transformers"
+    cuda: bool
+    dtype: str | None  # torch dtype name of weights/autocast: "bfloat16" | "float16"; None = fp32 (CPU)
+    load_in_4bit: bool  # QLoRA: nf4 base weights
+
+    @property
+    def bf16(self) -> bool:
+        return self.dtype == "bfloat16"
+
+    @property
+    def fp16(self) -> bool:
+        return self.dtype == "float16"
+
+
+def make_plan(cfg: TrainConfig, *, cuda: bool, bf16_supported: bool, unsloth_ok: bool, bnb_ok: bool) -> Plan:
+    """unsloth only on CUDA; 4-bit exactly when CUDA + load_in_4bit (+ bitsandbytes for transformers)."""
+    cuda = cuda and not cfg.tiny_random_model
+    backend = "unsloth" if cuda and unsloth_ok else "transformers"
+    dtype = ("bfloat16" if bf16_supported else "float16") if cuda else None
+    four_bit = cfg.load_in_4bit and cuda and (backend == "unsloth" or bnb_ok)
+    return Plan(backend=backend, cuda=cuda, dtype=dtype, load_in_4bit=four_bit)
+
+
+def probe_plan(cfg: TrainConfig) -> Plan:
+    """Inspect the machine. Imports unsloth (when usable) before transformers/trl/peft so it can patch them."""
+    if cfg.tiny_random_model:
+        return make_plan(cfg, cuda=False, bf16_supported=False, unsloth_ok=False, bnb_ok=False)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    unsloth_ok = False
+    if cuda:
+        try:
+            import unsloth  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - any import failure means "no unsloth"
+            log.warning("unsloth unavailable (%s: %s); using transformers+peft+trl", type(exc).__name__, exc)
+        else:
+            unsloth_ok = True
+    plan = make_plan(
+        cfg,
+        cuda=cuda,
+        bf16_supported=cuda and torch.cuda.is_bf16_supported(),
+        unsloth_ok=unsloth_ok,
+        bnb_ok=cuda and _importable("bitsandbytes"),
+    )
+    if cfg.load_in_4bit and cuda and not plan.load_in_4bit:
+        log.warning("load_in_4bit requested but bitsandbytes is missing: loading the base in %s", plan.dtype)
+    return plan
+
+
+def pick_backend(cfg: TrainConfig) -> str:
+    return probe_plan(cfg).backend
+
+
+def bnb_config_kwargs(plan: Plan) -> dict[str, Any] | None:
+    """BitsAndBytesConfig kwargs for a QLoRA base (nf4, double quant, compute in the training dtype)."""
+    if not plan.load_in_4bit or plan.backend != "transformers":
+        return None
+    return {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": plan.dtype,
+    }
+
+
+def transformers_load_kwargs(plan: Plan, hf_token: str | None) -> dict[str, Any]:
+    """AutoModelForCausalLM.from_pretrained kwargs minus quantization_config (dtype as a name)."""
+    kwargs: dict[str, Any] = {"token": hf_token}
+    if plan.cuda:
+        kwargs.update(dtype=plan.dtype, device_map={"": 0})
+    return kwargs
+
+
+def lora_config_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    return {
+        "r": cfg.lora_r,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "target_modules": "all-linear",
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+        # A random base has near-zero logits; let the tiny test model train its head and embeddings.
+        "modules_to_save": ["lm_head", "embed_tokens"] if cfg.tiny_random_model else None,
+    }
+
+
+def unsloth_load_kwargs(cfg: TrainConfig, plan: Plan, hf_token: str | None) -> dict[str, Any]:
+    """FastLanguageModel.from_pretrained kwargs. dtype is pinned (as a name) so it always matches the
+    trainer's bf16/fp16 flags; unsloth refuses a bf16 model trained with fp16=True and vice versa."""
+    return {
+        "model_name": cfg.base_model,
+        "max_seq_length": cfg.max_seq_len,
+        "dtype": plan.dtype,
+        "load_in_4bit": plan.load_in_4bit,
+        "token": hf_token,
+    }
+
+
+def unsloth_peft_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    return {
+        "r": cfg.lora_r,
+        "target_modules": list(UNSLOTH_TARGET_MODULES),
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "bias": "none",
+        "use_gradient_checkpointing": "unsloth",
+        "random_state": cfg.seed,
+    }
+
+
+def warmup_steps(cfg: TrainConfig, n_train: int) -> int:
+    """Integer warmup steps from warmup_ratio (works on transformers 4.x and 5.x)."""
+    if cfg.max_steps > 0:
+        total = cfg.max_steps
+    else:
+        per_epoch = math.ceil(math.ceil(n_train / cfg.batch_size) / cfg.grad_accum)
+        total = math.ceil(cfg.num_epochs * per_epoch)
+    return int(math.ceil(total * max(cfg.warmup_ratio, 0.0)))
+
+
+def optimizer_name(plan: Plan) -> str:
+    if plan.backend == "unsloth":
+        return "adamw_8bit"
+    return "paged_adamw_8bit" if plan.load_in_4bit else "adamw_torch"
+
+
+def sft_config_kwargs(cfg: TrainConfig, plan: Plan, output_dir: str, n_train: int) -> dict[str, Any]:
+    """trl SFTConfig kwargs: eval on val every eval_steps, checkpoint at each eval, reload the lowest
+    eval_loss checkpoint at the end; the dataset is pre-tokenized with prompt labels already -100."""
+    unsloth = plan.backend == "unsloth"
+    checkpointing = plan.cuda and not unsloth  # unsloth applies its own ("unsloth") in get_peft_model
+    kwargs: dict[str, Any] = {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": cfg.batch_size,
+        "per_device_eval_batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "learning_rate": cfg.learning_rate,
+        "num_train_epochs": cfg.num_epochs,
+        "max_steps": cfg.max_steps,
+        "warmup_steps": warmup_steps(cfg, n_train),
+        "lr_scheduler_type": "linear",
+        "logging_steps": max(1, min(10, cfg.eval_steps)),
+        "eval_strategy": "steps",
+        "eval_steps": cfg.eval_steps,
+        "save_strategy": "steps",
+        "save_steps": cfg.eval_steps,
+        "save_total_limit": 2,  # the best checkpoint is never rotated out while load_best_model_at_end
+        "save_only_model": True,
+        "load_best_model_at_end": True,
+        "metric_for_best_model": "eval_loss",
+        "greater_is_better": False,
+        "seed": cfg.seed,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "use_cpu": not plan.cuda,
+        "bf16": plan.bf16,
+        "fp16": plan.fp16,
+        "optim": optimizer_name(plan),
+        "max_length": cfg.max_seq_len,
+        "packing": False,
+        "dataset_kwargs": {"skip_prepare_dataset": True},
+        "remove_unused_columns": False,
+        "dataloader_num_workers": 0,
+        "gradient_checkpointing": checkpointing,
+    }
+    if checkpointing:
+        kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    if unsloth:
+        kwargs["dataset_text_field"] = ""  # unsloth's recipe for pre-tokenized data: never re-tokenize
+    return kwargs
+
+
+def merge_method(cfg: TrainConfig, plan: Plan) -> str | None:
+    """How to produce the 16-bit merged model worker-vllm serves (None: not requested).
+    A 4-bit base is never merged in place: that would bake quantization error into 16-bit weights."""
+    if not cfg.save_merged:
+        return None
+    if plan.backend == "unsloth":
+        return "unsloth"  # save_pretrained_merged(save_method="merged_16bit") dequantizes properly
+    return "reload_16bit" if plan.load_in_4bit else "in_place"
+
+
+def gguf_skip_reason(cfg: TrainConfig, plan: Plan, which: Any = None) -> str | None:
+    """None: try save_pretrained_gguf. Otherwise why not (only recorded when GGUF was requested).
+    unsloth builds llama.cpp itself, which needs git, cmake or make, and a C compiler in the image."""
+    if not cfg.save_gguf:
+        return "not requested"
+    if plan.backend != "unsloth":
+        return "GGUF export needs the unsloth backend (CUDA + unsloth)"
+    import shutil
+
+    which = which or shutil.which
+    missing = [
+        " or ".join(alts) for alts in (("git",), ("cmake", "make"), ("cc", "gcc")) if not any(which(a) for a in alts)
+    ]
+    return f"image lacks {', '.join(missing)} to build llama.cpp" if missing else None
+
+
+def ensure_chat_template(tokenizer: Any) -> Any:
+    """Base models without a chat template get ChatML closed by their eos; pad falls back to eos."""
+    if not getattr(tokenizer, "chat_template", None):
+        if tokenizer.eos_token is None:
+            raise ValueError("tokenizer has neither a chat template nor an eos token")
+        tokenizer.chat_template = FALLBACK_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _torch_dtype(name: str | None) -> Any:
+    import torch
+
+    return getattr(torch, name) if name else None
+
+
+# ---------------------------------------------------------------------------
 # Model loading
 # ---------------------------------------------------------------------------
 
 
-def build_tiny_model(job: JobRequest) -> tuple[Any, Any]:
-    """Tiny random Llama + a byte-level BPE tokenizer trained on the job's own texts. No hub."""
-    import torch
+def build_tiny_tokenizer(texts: list[str]) -> Any:
+    """Byte-level BPE trained on the given texts, with the tiny chat template (test-only model)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = [_PAD, _END, *_ROLE_TOKENS.values()]
     tok = Tokenizer(models.BPE())
@@ -237,11 +483,20 @@ def build_tiny_model(job: JobRequest) -> tuple[Any, Any]:
     trainer = trainers.BpeTrainer(
         vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(_job_texts(job), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=_PAD, eos_token=_END, additional_special_tokens=list(_ROLE_TOKENS.values())
     )
     tokenizer.chat_template = _TINY_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(job: JobRequest) -> tuple[Any, Any]:
+    """Tiny random Llama + a byte-level BPE tokenizer trained on the job's own texts. No hub."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer(_job_texts(job))
     torch.manual_seed(job.config.seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -259,8 +514,8 @@ def build_tiny_model(job: JobRequest) -> tuple[Any, Any]:
     return LlamaForCausalLM(config), tokenizer
 
 
-def load_transformers(job: JobRequest, hf_token: str | None) -> tuple[Any, Any]:
-    import torch
+def load_transformers(job: JobRequest, plan: Plan, hf_token: str | None) -> tuple[Any, Any]:
+    """transformers + peft: CPU fp32, CUDA 16-bit, or CUDA QLoRA (bitsandbytes nf4 + kbit prep)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -268,40 +523,24 @@ def load_transformers(job: JobRequest, hf_token: str | None) -> tuple[Any, Any]:
     if cfg.tiny_random_model:
         model, tokenizer = build_tiny_model(job)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.base_model, token=hf_token)
-        kwargs: dict[str, Any] = {"token": hf_token}
-        quantized = False
-        if torch.cuda.is_available():
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            kwargs.update(dtype=dtype, device_map={"": 0})
-            if cfg.load_in_4bit and _importable("bitsandbytes"):
-                from transformers import BitsAndBytesConfig
+        tokenizer = ensure_chat_template(AutoTokenizer.from_pretrained(cfg.base_model, token=hf_token))
+        kwargs = transformers_load_kwargs(plan, hf_token)
+        if "dtype" in kwargs:
+            kwargs["dtype"] = _torch_dtype(kwargs["dtype"])
+        bnb = bnb_config_kwargs(plan)
+        if bnb is not None:
+            from transformers import BitsAndBytesConfig
 
-                kwargs["quantization_config"] = BitsAndBytesConfig(
-                    load_in_4bit=True,
-                    bnb_4bit_quant_type="nf4",
-                    bnb_4bit_use_double_quant=True,
-                    bnb_4bit_compute_dtype=dtype,
-                )
-                quantized = True
+            bnb["bnb_4bit_compute_dtype"] = _torch_dtype(bnb["bnb_4bit_compute_dtype"])
+            kwargs["quantization_config"] = BitsAndBytesConfig(**bnb)
         model = AutoModelForCausalLM.from_pretrained(cfg.base_model, **kwargs)
-        if quantized:
+        if bnb is not None:
             from peft import prepare_model_for_kbit_training
 
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules="all-linear",
-        bias="none",
-        task_type="CAUSAL_LM",
-        # A random base has near-zero logits; let the tiny test model train its head and embeddings.
-        modules_to_save=["lm_head", "embed_tokens"] if cfg.tiny_random_model else None,
-    )
-    return get_peft_model(model, lora), tokenizer
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+    return get_peft_model(model, LoraConfig(**lora_config_kwargs(cfg))), tokenizer
 
 
 def _importable(name: str) -> bool:
@@ -310,44 +549,15 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def load_unsloth(job: JobRequest, hf_token: str | None) -> tuple[Any, Any]:
+def load_unsloth(job: JobRequest, plan: Plan, hf_token: str | None) -> tuple[Any, Any]:
     from unsloth import FastLanguageModel
 
     cfg = job.config
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=cfg.base_model,
-        max_seq_length=cfg.max_seq_len,
-        load_in_4bit=cfg.load_in_4bit,
-        dtype=None,
-        token=hf_token,
-    )
-    model = FastLanguageModel.get_peft_model(
-        model,
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        bias="none",
-        use_gradient_checkpointing="unsloth",
-        random_state=cfg.seed,
-    )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def pick_backend(cfg: TrainConfig) -> str:
-    if cfg.tiny_random_model:
-        return "transformers"
-    import torch
-
-    if not torch.cuda.is_available():
-        return "transformers"
-    try:
-        import unsloth  # noqa: F401  (must be imported before transformers/trl to patch them)
-    except Exception:  # noqa: BLE001 - any import failure means "no unsloth"
-        return "transformers"
-    return "unsloth"
+    kwargs = unsloth_load_kwargs(cfg, plan, hf_token)
+    kwargs["dtype"] = _torch_dtype(kwargs["dtype"])
+    model, tokenizer = FastLanguageModel.from_pretrained(**kwargs)
+    model = FastLanguageModel.get_peft_model(model, **unsloth_peft_kwargs(cfg))
+    return model, ensure_chat_template(tokenizer)
 
 
 # ---------------------------------------------------------------------------
@@ -394,19 +604,10 @@ def make_callback(state: JobState) -> Any:
     return ProgressCallback()
 
 
-def warmup_steps(cfg: TrainConfig, n_train: int) -> int:
-    """Integer warmup steps from warmup_ratio (works on transformers 4.x and 5.x)."""
-    if cfg.max_steps > 0:
-        total = cfg.max_steps
-    else:
-        per_epoch = math.ceil(math.ceil(n_train / cfg.batch_size) / cfg.grad_accum)
-        total = math.ceil(cfg.num_epochs * per_epoch)
-    return int(math.ceil(total * max(cfg.warmup_ratio, 0.0)))
-
-
-def train_model(job: JobRequest, state: JobState, model: Any, tokenizer: Any, backend: str) -> tuple[Any, int | None]:
+def train_model(
+    job: JobRequest, state: JobState, model: Any, tokenizer: Any, plan: Plan
+) -> tuple[Any, int | None]:
     """Train; returns the best-eval-loss model (load_best_model_at_end) and the trainer's best step."""
-    import torch
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback
     from trl import SFTConfig, SFTTrainer
@@ -414,41 +615,7 @@ def train_model(job: JobRequest, state: JobState, model: Any, tokenizer: Any, ba
     cfg = job.config
     train_ds = Dataset.from_list(tokenize_rows(tokenizer, job.train, cfg.max_seq_len))
     val_ds = Dataset.from_list(tokenize_rows(tokenizer, job.val, cfg.max_seq_len))
-    cuda = torch.cuda.is_available() and not cfg.tiny_random_model
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    args = SFTConfig(
-        output_dir=str(state.workdir / "checkpoints"),
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.num_epochs,
-        max_steps=cfg.max_steps,
-        warmup_steps=warmup_steps(cfg, len(train_ds)),
-        lr_scheduler_type="linear",
-        logging_steps=max(1, min(10, cfg.eval_steps)),
-        eval_strategy="steps",
-        eval_steps=cfg.eval_steps,
-        save_strategy="steps",
-        save_steps=cfg.eval_steps,
-        save_total_limit=2,
-        save_only_model=True,
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        seed=cfg.seed,
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=not cuda,
-        bf16=bf16,
-        fp16=cuda and not bf16,
-        optim="adamw_8bit" if backend == "unsloth" else "adamw_torch",
-        max_length=cfg.max_seq_len,
-        dataset_kwargs={"skip_prepare_dataset": True},
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        gradient_checkpointing=cuda and backend != "unsloth",  # unsloth patches its own in
-    )
+    args = SFTConfig(**sft_config_kwargs(cfg, plan, str(state.workdir / "checkpoints"), len(train_ds)))
     callbacks = [make_callback(state)]
     if cfg.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
@@ -477,13 +644,13 @@ def stop_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
-def generate(job: JobRequest, model: Any, tokenizer: Any, backend: str) -> list[Generation]:
+def generate(job: JobRequest, model: Any, tokenizer: Any, plan: Plan) -> list[Generation]:
     import torch
 
-    if backend == "unsloth":
+    if plan.backend == "unsloth":
         from unsloth import FastLanguageModel
 
-        FastLanguageModel.for_inference(model)
+        FastLanguageModel.for_inference(model)  # unsloth's fast generation path
     model.eval()
     device = next(model.parameters()).device
     out: list[Generation] = []
@@ -495,6 +662,7 @@ def generate(job: JobRequest, model: Any, tokenizer: Any, backend: str) -> list[
                 **enc,
                 max_new_tokens=job.config.max_new_tokens,
                 do_sample=False,
+                use_cache=True,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=stop_ids(model, tokenizer),
             )
@@ -504,17 +672,16 @@ def generate(job: JobRequest, model: Any, tokenizer: Any, backend: str) -> list[
 
 
 def merge_transformers(
-    cfg: TrainConfig, model: Any, tokenizer: Any, adapter_dir: Path, merged_dir: Path, hf_token: str | None
+    method: str, cfg: TrainConfig, plan: Plan, model: Any, tokenizer: Any, adapter_dir: Path, merged_dir: Path,
+    hf_token: str | None,
 ) -> None:
-    """Merge LoRA into 16-bit base weights. A 4-bit base is reloaded in 16 bit first (merging into
-    quantized weights is lossy); otherwise the trained model is merged in place (call this last)."""
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model.base_model, "is_loaded_in_4bit", False):
-        import torch
+    """Merge LoRA into 16-bit weights. "reload_16bit": load the base again in 16 bit (on CPU) and apply
+    the saved adapter; "in_place": merge the trained model itself (call this last)."""
+    if method == "reload_16bit":
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
-        base = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=dtype, token=hf_token)
+        base = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=_torch_dtype(plan.dtype), token=hf_token)
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     else:
         merged = model.merge_and_unload()
@@ -522,14 +689,18 @@ def merge_transformers(
     tokenizer.save_pretrained(str(merged_dir))
 
 
+def _err(state: JobState, exc: BaseException) -> str:
+    return state.scrub(f"{type(exc).__name__}: {exc}")[:300]
+
+
 def save_outputs(
-    job: JobRequest, state: JobState, model: Any, tokenizer: Any, backend: str, hf_token: str | None
+    job: JobRequest, state: JobState, model: Any, tokenizer: Any, plan: Plan, hf_token: str | None
 ) -> tuple[list[str], dict[str, Any]]:
     """Adapter dir + tarball (served); merged/GGUF exports and hub pushes are best effort."""
     cfg = job.config
     extra: dict[str, Any] = {}
     adapter_dir = state.workdir / "adapter"
-    model.save_pretrained(str(adapter_dir))
+    model.save_pretrained(str(adapter_dir))  # LoRA adapters only
     tokenizer.save_pretrained(str(adapter_dir))
     state.artifacts_dir.mkdir(parents=True, exist_ok=True)
     tmp = state.artifacts_dir / (ADAPTER_ARTIFACT + ".part")
@@ -539,21 +710,32 @@ def save_outputs(
     artifacts = [ADAPTER_ARTIFACT]
 
     merged_dir = state.workdir / "merged"
-    if cfg.save_merged:  # 16-bit merged weights: what worker-vllm serves
+    method = merge_method(cfg, plan)
+    if method is not None:  # 16-bit merged weights: what worker-vllm serves
         try:
-            if backend == "unsloth":
+            if method == "unsloth":
                 model.save_pretrained_merged(str(merged_dir), tokenizer, save_method="merged_16bit")
             else:
-                merge_transformers(cfg, model, tokenizer, adapter_dir, merged_dir, hf_token)
+                merge_transformers(method, cfg, plan, model, tokenizer, adapter_dir, merged_dir, hf_token)
             extra["merged_dir"] = str(merged_dir)
-        except Exception as exc:  # noqa: BLE001 - the adapter is already safe; merging is a bonus
-            extra["merged_error"] = state.scrub(f"{type(exc).__name__}: {exc}")[:300]
-    if cfg.save_gguf and backend == "unsloth":
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - the adapter is already safe
+            extra["merged_error"] = _err(state, exc)
+
+    gguf_dir = state.workdir / "gguf"
+    skip = gguf_skip_reason(cfg, plan)
+    if skip is None:  # unsloth only: its merged save above leaves the LoRA layers intact
         try:
-            model.save_pretrained_gguf(str(state.workdir / "gguf"), tokenizer, quantization_method="q4_k_m")
-            extra["gguf_dir"] = str(state.workdir / "gguf")
-        except Exception as exc:  # noqa: BLE001 - image without llama.cpp must not fail the run
-            extra["gguf_error"] = state.scrub(f"{type(exc).__name__}: {exc}")[:300]
+            model.save_pretrained_gguf(str(gguf_dir), tokenizer, quantization_method=GGUF_QUANT)
+            files = sorted(str(p) for p in state.workdir.glob("gguf*/**/*.gguf")) + sorted(
+                str(p) for p in state.workdir.glob("gguf*.gguf")
+            )
+            if not files:
+                raise RuntimeError("save_pretrained_gguf wrote no .gguf file")
+            extra["gguf_dir"], extra["gguf_files"] = str(gguf_dir), files
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - no llama.cpp must never fail the run
+            extra["gguf_error"] = _err(state, exc)
+    elif cfg.save_gguf:
+        extra["gguf_error"] = skip
 
     if hf_token and cfg.hf_repo:
         try:
@@ -566,22 +748,22 @@ def save_outputs(
                 api.upload_folder(repo_id=cfg.hf_repo, folder_path=str(merged_dir))
             extra["hf_pushed"] = True
         except Exception as exc:  # noqa: BLE001 - push failures are reported, not fatal
-            extra["hf_error"] = state.scrub(f"{type(exc).__name__}: {exc}")[:300]
+            extra["hf_error"] = _err(state, exc)
     return artifacts, extra
 
 
 def run_job(job: JobRequest, state: JobState) -> Results:
     validate_job(job)
     hf_token = os.environ.get("HF_TOKEN") or None
-    backend = pick_backend(job.config)
-    state.update(backend=backend)
-    loader = load_unsloth if backend == "unsloth" else load_transformers
-    model, tokenizer = loader(job, hf_token)
-    model, trainer_best_step = train_model(job, state, model, tokenizer, backend)
+    plan = probe_plan(job.config)
+    state.update(backend=plan.backend)
+    loader = load_unsloth if plan.backend == "unsloth" else load_transformers
+    model, tokenizer = loader(job, plan, hf_token)
+    model, trainer_best_step = train_model(job, state, model, tokenizer, plan)
     stopped = state.stop.is_set()
     state.update(state="generating", eta_s=None)
-    generations = generate(job, model, tokenizer, backend)
-    artifacts, extra = save_outputs(job, state, model, tokenizer, backend, hf_token)
+    generations = generate(job, model, tokenizer, plan)
+    artifacts, extra = save_outputs(job, state, model, tokenizer, plan, hf_token)
     p = state.snapshot()
     return Results(
         job_id=job.config.job_id,
@@ -592,7 +774,9 @@ def run_job(job: JobRequest, state: JobState) -> Results:
         artifacts=artifacts,
         hf_repo=job.config.hf_repo if extra.get("hf_pushed") else None,
         extra={
-            "backend": backend,
+            "backend": plan.backend,
+            "load_in_4bit": plan.load_in_4bit,
+            "dtype": plan.dtype,
             "steps": p.step,
             "trainer_best_step": trainer_best_step,
             "final_eval_loss": state.final_eval_loss,

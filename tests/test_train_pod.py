@@ -280,3 +280,210 @@ def test_early_stopping_keeps_best_not_last(start_pod: Callable[..., Pod]) -> No
     final = res.extra["final_eval_loss"]
     assert final == pytest.approx(p.best_eval_loss, rel=1e-4)  # best weights reloaded...
     assert final != pytest.approx(losses[-1], rel=1e-3)  # ...not the last ones
+
+
+# ---------------------------------------------------------------------------
+# GPU-path decisions, checked on CPU as pure functions (no GPU, no unsloth needed)
+# ---------------------------------------------------------------------------
+
+import dataclasses  # noqa: E402
+import itertools  # noqa: E402
+
+from jobs import train as pod  # noqa: E402
+from jobs.podproto import ChatRow, TrainConfig  # noqa: E402
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+ROW = ChatRow(
+    messages=[
+        {"role": "system", "content": "You reverse lists."},
+        {"role": "user", "content": "reverse: a b c"},
+        {"role": "assistant", "content": "c b a"},
+    ]
+)
+
+
+def gpu_plan(cfg: TrainConfig, **kw: Any) -> pod.Plan:
+    base = {"cuda": True, "bf16_supported": True, "unsloth_ok": True, "bnb_ok": True}
+    return pod.make_plan(cfg, **{**base, **kw})
+
+
+@pytest.mark.parametrize("cuda,four_bit,unsloth_ok,bnb_ok", list(itertools.product([False, True], repeat=4)))
+def test_plan_requests_4bit_exactly_on_cuda_with_load_in_4bit(
+    cuda: bool, four_bit: bool, unsloth_ok: bool, bnb_ok: bool
+) -> None:
+    cfg = TrainConfig(job_id="j", load_in_4bit=four_bit)
+    plan = pod.make_plan(cfg, cuda=cuda, bf16_supported=True, unsloth_ok=unsloth_ok, bnb_ok=bnb_ok)
+    assert plan.backend == ("unsloth" if cuda and unsloth_ok else "transformers")
+    assert plan.load_in_4bit == (cuda and four_bit and (unsloth_ok or bnb_ok))
+    assert plan.cuda == cuda and plan.bf16 == cuda and not plan.fp16
+    bnb = pod.bnb_config_kwargs(plan)
+    assert (bnb is not None) == (plan.load_in_4bit and plan.backend == "transformers")
+    load = pod.transformers_load_kwargs(plan, "hf_tok")
+    assert load["token"] == "hf_tok"
+    assert ("device_map" in load) == cuda and load.get("dtype") == ("bfloat16" if cuda else None)
+
+
+def test_plan_precision_and_tiny_model_stays_on_cpu() -> None:
+    cfg = TrainConfig(job_id="j")
+    old_gpu = gpu_plan(cfg, bf16_supported=False)  # e.g. T4/V100: fp16 autocast, fp16 weights
+    assert (old_gpu.dtype, old_gpu.fp16, old_gpu.bf16) == ("float16", True, False)
+    tiny = gpu_plan(TrainConfig(job_id="j", tiny_random_model=True))
+    assert tiny == pod.Plan(backend="transformers", cuda=False, dtype=None, load_in_4bit=False)
+    probed = pod.probe_plan(TrainConfig(job_id="j"))  # this machine: torch CPU build
+    if not probed.cuda:
+        assert probed == pod.Plan(backend="transformers", cuda=False, dtype=None, load_in_4bit=False)
+
+
+def test_bitsandbytes_config_is_nf4_double_quant_in_training_dtype() -> None:
+    from transformers import BitsAndBytesConfig
+
+    for bf16 in (True, False):
+        plan = gpu_plan(TrainConfig(job_id="j"), unsloth_ok=False, bf16_supported=bf16)
+        kw = pod.bnb_config_kwargs(plan)
+        assert kw is not None and kw["bnb_4bit_compute_dtype"] == plan.dtype
+        bnb = BitsAndBytesConfig(**{**kw, "bnb_4bit_compute_dtype": pod._torch_dtype(kw["bnb_4bit_compute_dtype"])})
+        assert bnb.load_in_4bit and not bnb.load_in_8bit
+        assert bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
+        assert str(bnb.bnb_4bit_compute_dtype) == f"torch.{plan.dtype}"
+
+
+def test_unsloth_kwargs_follow_documented_api() -> None:
+    cfg = TrainConfig(job_id="j", base_model="unsloth/Qwen2.5-0.5B-Instruct", max_seq_len=1024, seed=7)
+    plan = gpu_plan(cfg)
+    load = pod.unsloth_load_kwargs(cfg, plan, "hf_x")
+    assert load == {
+        "model_name": "unsloth/Qwen2.5-0.5B-Instruct",
+        "max_seq_length": 1024,
+        "dtype": "bfloat16",  # pinned: must agree with SFTConfig bf16/fp16
+        "load_in_4bit": True,
+        "token": "hf_x",
+    }
+    assert pod.unsloth_load_kwargs(TrainConfig(job_id="j", load_in_4bit=False), plan, None)["load_in_4bit"] == plan.load_in_4bit
+    peft = pod.unsloth_peft_kwargs(cfg)
+    assert (peft["r"], peft["lora_alpha"]) == (16, 16)  # TrainConfig defaults
+    assert peft["use_gradient_checkpointing"] == "unsloth" and peft["random_state"] == 7 and peft["bias"] == "none"
+    assert set(peft["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_lora_config_kwargs_build_a_peft_lora_config() -> None:
+    from peft import LoraConfig
+
+    lora = LoraConfig(**pod.lora_config_kwargs(TrainConfig(job_id="j", lora_r=8, lora_alpha=32)))
+    assert (lora.r, lora.lora_alpha, lora.bias, lora.modules_to_save) == (8, 32, "none", None)
+    assert lora.task_type == "CAUSAL_LM"
+
+
+@pytest.mark.parametrize("backend", ["unsloth", "transformers-qlora", "transformers-cpu"])
+def test_sft_config_evaluates_keeps_best_and_is_valid_for_installed_trl(backend: str, tmp_path: Path) -> None:
+    from trl import SFTConfig
+
+    cfg = TrainConfig(job_id="j", eval_steps=25, max_steps=200, warmup_ratio=0.1)
+    plan = {
+        "unsloth": gpu_plan(cfg),
+        "transformers-qlora": gpu_plan(cfg, unsloth_ok=False, bf16_supported=False),
+        "transformers-cpu": pod.make_plan(cfg, cuda=False, bf16_supported=False, unsloth_ok=True, bnb_ok=True),
+    }[backend]
+    kw = pod.sft_config_kwargs(cfg, plan, str(tmp_path), n_train=800)
+    assert set(kw) <= {f.name for f in dataclasses.fields(SFTConfig)}, set(kw) - {f.name for f in dataclasses.fields(SFTConfig)}
+    assert kw["eval_strategy"] == "steps" and kw["eval_steps"] == 25
+    assert kw["save_strategy"] == "steps" and kw["save_steps"] == 25  # a checkpoint at every eval
+    assert kw["load_best_model_at_end"] is True
+    assert kw["metric_for_best_model"] == "eval_loss" and kw["greater_is_better"] is False
+    assert kw["dataset_kwargs"] == {"skip_prepare_dataset": True} and kw["remove_unused_columns"] is False
+    assert kw["warmup_steps"] == 20 and kw["max_length"] == cfg.max_seq_len
+    assert (kw["bf16"], kw["fp16"], kw["use_cpu"]) == (plan.bf16, plan.fp16, not plan.cuda)
+    if backend == "unsloth":
+        assert kw["optim"] == "adamw_8bit" and kw["gradient_checkpointing"] is False
+    elif backend == "transformers-qlora":
+        assert kw["optim"] == "paged_adamw_8bit" and kw["gradient_checkpointing"] is True
+        assert kw["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    else:
+        assert kw["optim"] == "adamw_torch" and kw["gradient_checkpointing"] is False
+    if plan.bf16:  # TrainingArguments refuses bf16 on a machine without a bf16 GPU
+        kw = {**kw, "bf16": False, "use_cpu": True}
+    args = SFTConfig(**kw)
+    assert str(args.eval_strategy.value) == "steps" and args.load_best_model_at_end
+    assert args.metric_for_best_model == "eval_loss" and args.greater_is_better is False
+    assert args.optim.value == kw["optim"]
+    assert args.gradient_checkpointing == kw["gradient_checkpointing"]  # trl's default (True) overridden
+
+
+def test_merge_and_gguf_decisions() -> None:
+    cfg = TrainConfig(job_id="j", save_gguf=True)
+    uns, qlora = gpu_plan(cfg), gpu_plan(cfg, unsloth_ok=False)
+    cpu = pod.make_plan(cfg, cuda=False, bf16_supported=False, unsloth_ok=False, bnb_ok=False)
+    assert pod.merge_method(cfg, uns) == "unsloth"
+    assert pod.merge_method(cfg, qlora) == "reload_16bit"  # never merge into nf4 weights
+    assert pod.merge_method(cfg, cpu) == "in_place"
+    assert pod.merge_method(TrainConfig(job_id="j", save_merged=False), uns) is None
+
+    def which(tools: set[str]) -> Callable[[str], str | None]:
+        return lambda name: f"/usr/bin/{name}" if name in tools else None
+
+    assert pod.gguf_skip_reason(cfg, uns, which({"git", "make", "gcc"})) is None
+    assert pod.gguf_skip_reason(cfg, uns, which({"git", "cmake", "cc"})) is None
+    assert pod.gguf_skip_reason(cfg, uns, which({"gcc"})) == "image lacks git, cmake or make to build llama.cpp"
+    assert "unsloth" in (pod.gguf_skip_reason(cfg, qlora, which({"git", "make", "gcc"})) or "")
+    assert pod.gguf_skip_reason(TrainConfig(job_id="j"), uns, which({"git", "make", "gcc"})) == "not requested"
+
+
+def _tiny_tokenizer() -> Any:
+    return pod.build_tiny_tokenizer([m["content"] for m in ROW.messages] * 20)
+
+
+def _label_text(tok: Any, enc: dict[str, list[int]]) -> tuple[str, str]:
+    """(text of the tokens trained on, text of the masked tokens)."""
+    assert len(enc["input_ids"]) == len(enc["labels"]) == len(enc["attention_mask"])
+    trained = [i for i, lab in zip(enc["input_ids"], enc["labels"]) if lab != -100]
+    assert trained == [lab for lab in enc["labels"] if lab != -100]
+    masked = [i for i, lab in zip(enc["input_ids"], enc["labels"]) if lab == -100]
+    return tok.decode(trained), tok.decode(masked)
+
+
+def test_prompt_tokens_are_masked_for_chat_templated_row() -> None:
+    tok = _tiny_tokenizer()
+    [enc] = pod.tokenize_rows(tok, [ROW], max_len=256)
+    trained, masked = _label_text(tok, enc)
+    assert trained == "c b a<|end|>"  # the answer and one end-of-turn, nothing else
+    assert masked == "<|system|>You reverse lists.<|end|><|user|>reverse: a b c<|end|><|assistant|>"
+    first = enc["labels"].index(next(lab for lab in enc["labels"] if lab != -100))
+    assert all(lab == -100 for lab in enc["labels"][:first])
+
+
+def test_chatml_row_masks_assistant_header_and_ends_on_single_eos() -> None:
+    tok = _tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = CHATML  # renders "<|im_end|>\n" after each turn, like Qwen
+    [enc] = pod.tokenize_rows(tok, [ROW], max_len=256)
+    trained, masked = _label_text(tok, enc)
+    assert trained == "c b a<|im_end|>"  # no newline after the eos, no second eos
+    assert masked.endswith("<|im_start|>assistant\n")
+    assert enc["input_ids"][-1] == tok.eos_token_id
+
+
+def test_base_tokenizer_without_template_gets_fallback_and_pad() -> None:
+    tok = _tiny_tokenizer()
+    tok.chat_template = None
+    tok.pad_token = None
+    pod.ensure_chat_template(tok)
+    assert tok.chat_template == pod.FALLBACK_TEMPLATE and tok.pad_token == tok.eos_token
+    [enc] = pod.tokenize_rows(tok, [ROW], max_len=256)
+    trained, masked = _label_text(tok, enc)
+    assert trained == "c b a<|end|>" and masked.endswith("assistant\n")
+    kept = _tiny_tokenizer()
+    assert pod.ensure_chat_template(kept).chat_template == pod._TINY_TEMPLATE
+
+
+def test_truncation_keeps_mask_and_drops_rows_with_no_answer_left() -> None:
+    tok = _tiny_tokenizer()
+    [full] = pod.tokenize_rows(tok, [ROW], max_len=256)
+    n_prompt = full["labels"].count(-100)
+    [cut] = pod.tokenize_rows(tok, [ROW], max_len=n_prompt + 1)
+    assert cut["input_ids"] == full["input_ids"][: n_prompt + 1]
+    assert cut["labels"][:n_prompt] == [-100] * n_prompt and cut["labels"][-1] != -100
+    with pytest.raises(ValueError, match="truncated away"):
+        pod.tokenize_rows(tok, [ROW], max_len=n_prompt)
