@@ -5,10 +5,11 @@ Only this file, ``jobs/podproto.py`` and ``jobs/__init__.py`` are copied to the 
 imports nothing but the stdlib, pydantic and the ML stack (torch/transformers/peft/trl,
 unsloth when present). The wire contract lives in ``jobs/podproto.py``.
 
-Backends: unsloth 4-bit QLoRA when CUDA and unsloth are available; otherwise
-transformers + peft + trl (CPU or plain GPU). Both train on the assistant response only
-(prompt tokens get label -100), evaluate every ``eval_steps``, keep the best eval-loss
-checkpoint, stop early on patience or on ``POST /stop``.
+Backends (``probe_plan``/``make_plan``): unsloth QLoRA when CUDA and unsloth are available;
+otherwise transformers + peft + trl: on CUDA 4-bit via bitsandbytes nf4 when ``load_in_4bit``,
+on CPU fp32. Both train on the assistant response only (prompt tokens get label -100),
+evaluate every ``eval_steps``, keep the best eval-loss checkpoint, stop early on patience or
+on ``POST /stop``. Every GPU-only decision is a pure function, unit-tested on CPU.
 """
 
 from __future__ import annotations
