@@ -239,3 +239,90 @@ def test_bundle_contains_the_pod_program():
 def test_chart_png():
     png = loss_chart_png([(1, 2.0), (5, 1.2), (10, 0.9)], [(5, 1.3), (10, 1.0)], 10)
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+
+
+def test_terminate_retried_then_left_to_reaper_which_bills_to_real_termination(fake, db, tmp_path):
+    from datetime import timedelta
+
+    from jobs.reaper import reap
+
+    short = json.dumps({**TRAIN_CFG, "max_steps": 4, "eval_steps": 2, "max_new_tokens": 4})
+    pid, did = seed(db)
+    svc = service(db, tmp_path, tuner_train_overrides=short)
+    # transient: two failures, the third try terminates; billed once, to the real end
+    fake.terminate_failures = 2
+    run_id = svc.launch(pid, did, user_id="U1")
+    assert svc.run(run_id, lambda s: None).status == "succeeded"
+    pod1 = run_pod(db, run_id)
+    assert fake.terminate_calls == 3 and fake.live_pods() == []
+    assert [r.quantity for r in pod_rows(db)] == [pytest.approx(fake.billed_seconds(pod1), abs=1.0)]
+
+    # persistent: the run still ends, the pod is NOT billed yet (it is still billing) ...
+    fake.terminate_failures = 10_000
+    run2 = svc.launch(pid, did, user_id="U1")
+    assert run2 != run_id
+    assert svc.run(run2, lambda s: None).status == "succeeded"
+    pod2 = run_pod(db, run2)
+    assert fake.live_pods() == [pod2] and len(pod_rows(db)) == 1
+    assert reap(db, svc.api) == [] and fake.live_pods() == [pod2]  # reaper pass fails too: skipped
+    time.sleep(1.5)
+    # ... until the reaper's next pass really terminates it, and bills up to that moment.
+    fake.terminate_failures = 0
+    assert reap(db, svc.api) == [pod2] and fake.live_pods() == []
+    row = next(r for r in pod_rows(db) if r.detail == f"pod:{pod2}")
+    assert row.quantity == pytest.approx(fake.billed_seconds(pod2), abs=1.0)
+    with db.session() as s:
+        r2 = s.get(Run, run2)
+    assert r2.status == "succeeded"  # the reaper keeps the run's outcome
+    trained_until = (r2.ended_at - r2.started_at) / timedelta(seconds=1)
+    assert row.quantity > trained_until + 1.0  # billed past the run's end, to termination
+    assert reap(db, svc.api) == [] and len(pod_rows(db)) == 2
+
+
+@pytest.mark.parametrize("exited", [True, False])
+def test_reattach_to_dead_pod_fails_fast_without_new_pod(fake, db, tmp_path, exited):
+    pid, did = seed(db)
+    long_cfg = json.dumps({**TRAIN_CFG, "max_steps": 5000, "early_stopping_patience": 0})
+    first = service(db, tmp_path, tuner_train_overrides=long_cfg)
+    run_id = first.launch(pid, did, user_id="U1")
+    seen = threading.Event()
+    t = threading.Thread(target=first.run, args=(run_id, lambda s: s.step > 0 and seen.set()))
+    t.start()
+    assert seen.wait(90)
+    first.detach()
+    t.join(10)
+    pod_id = run_pod(db, run_id)
+    fake.crash(pod_id, exited=exited)  # the pod's process dies while the bot is away
+
+    second = service(db, tmp_path, tuner_train_overrides=long_cfg)  # ready timeout is 60 s
+    t0 = time.monotonic()
+    out = second.run(run_id, lambda s: None)
+    assert time.monotonic() - t0 < 10  # not the pod-boot timeout
+    assert out.status == "failed"
+    if exited:
+        assert "EXITED" in out.error and "training was lost" in out.error
+    else:
+        assert "not ready" in out.error  # RUNNING but its server never answers again
+    assert list(fake.pods) == [pod_id] and fake.live_pods() == []  # no new pod; old terminated
+    rows = pod_rows(db)
+    assert len(rows) == 1 and rows[0].quantity == pytest.approx(fake.billed_seconds(pod_id), abs=1.0)
+
+
+def test_pod_exiting_mid_training_fails_clearly(fake, db, tmp_path):
+    pid, did = seed(db)
+    svc = service(db, tmp_path, tuner_train_overrides=json.dumps({**TRAIN_CFG, "max_steps": 5000,
+                                                                    "early_stopping_patience": 0}))
+    run_id = svc.launch(pid, did, user_id="U1")
+
+    def exit_once(snap: RunSnapshot) -> None:
+        if snap.state != "waiting" and fake.pods[run_pod(db, run_id)].status == "RUNNING":
+            fake.crash(run_pod(db, run_id), exited=True)
+
+    out = svc.run(run_id, exit_once)
+    pod_id = run_pod(db, run_id)
+    assert out.status == "failed" and "EXITED" in out.error and "mid-training" in out.error
+    assert fake.live_pods() == []
+    billed = fake.billed_seconds(pod_id)
+    time.sleep(0.3)
+    assert fake.billed_seconds(pod_id) == billed
+    assert [r.quantity for r in pod_rows(db)] == [pytest.approx(billed, abs=1.0)]
