@@ -5,6 +5,9 @@
 2. kill -9 of a process running TrainingService.run mid-training, then the bot's
    start-up sequence: one reaper pass, then resume of the runs that were in flight
    (re-attach). Prints live pods after each step; "leaked" = pods left alive at the end.
+3. terminate_pod failing persistently at the end of a run: the run ends, the pod is not
+   billed yet; a later reaper pass terminates it and bills up to that moment. Prints
+   ledger seconds vs the fake's create->terminate seconds.
 
 Run: .venv/bin/python bench/bench_pods.py
 """
@@ -113,6 +116,26 @@ def main() -> None:
               "(owned by an in-flight run: re-attached, not orphaned)")
         print(f"[kill -9] resumed runs -> {resumed}; pods created for this run = {len(fake.pods) - pods_before}")
         print(f"[kill -9] leaked pods = {leaked}")
+
+        # 3. terminate keeps failing -> reaper terminates later, bills to real termination
+        db3 = Database(f"sqlite:///{tmp / 'c.db'}")
+        pid3, did3 = seed(db3)
+        svc3 = service(db3, tmp, **{**TRAIN_CFG, "max_steps": 4, "eval_steps": 2})
+        run3 = svc3.launch(pid3, did3, user_id="bench")
+        fake.terminate_failures = 10_000
+        status3 = svc3.run(run3, lambda s: None).status
+        with db3.session() as s:
+            pod3 = s.get(Run, run3).pod_id
+        alive_after_run = pod3 in fake.live_pods()
+        time.sleep(2.0)
+        fake.terminate_failures = 0
+        reaped3 = reap(db3, RunPodAPI(settings()))
+        with db3.session() as s:
+            rows3 = s.exec(select(SpendEntry).where(SpendEntry.kind == "pod_seconds")).all()
+        print(f"[terminate fails] run status={status3}; pod alive after run={alive_after_run}; "
+              f"reaper terminated {reaped3 == [pod3]}")
+        print(f"[terminate fails] ledger seconds = {sum(e.quantity for e in rows3):.2f} in {len(rows3)} row(s); "
+              f"fake billed = {fake.billed_seconds(pod3):.2f}; leaked = {pod3 in fake.live_pods()}")
 
 
 if __name__ == "__main__":
