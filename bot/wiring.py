@@ -105,7 +105,9 @@ def build(settings: Settings, *, artifacts_dir: Path | None = None) -> Wired:
             from jobs.deploy import DeployService
             from jobs.serverless import ServerlessClient
 
-            deployer = DeployService(db, settings, ServerlessClient(settings))
+            counter = None if isinstance(llm, MissingLLM) else llm  # measured token counts
+            deployer = DeployService(db, settings, ServerlessClient(settings),
+                                     token_counter=counter)
         else:
             missing.append("HF_TOKEN (deployment is off)")
     else:
