@@ -26,10 +26,12 @@
 from __future__ import annotations
 
 import base64
+import ctypes
 import http.client
 import io
 import json
 import os
+import queue
 import re
 import secrets
 import shutil
@@ -224,6 +226,48 @@ class FakePod:
 
     def billed_seconds(self) -> float:
         return (self.ended_at or time.monotonic()) - self.created_at
+
+
+class _Spawner:
+    """Starts pod processes from one long-lived thread with PR_SET_PDEATHSIG, so a test
+    process that dies (crash, kill -9) takes its fake pods with it. The death signal
+    follows the *thread* that forked, hence not the short-lived HTTP handler threads."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[tuple[Callable[[], Any], queue.Queue[Any]]] = queue.Queue()
+        threading.Thread(target=self._loop, daemon=True, name="fake-pod-spawner").start()
+
+    def _loop(self) -> None:
+        while True:
+            fn, out = self._jobs.get()
+            try:
+                out.put(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+                out.put(exc)
+
+    def popen(self, argv: list[str], *, cwd: Path, env: dict[str, str], log_path: Path
+              ) -> subprocess.Popen[bytes]:
+        def start() -> subprocess.Popen[bytes]:
+            with open(log_path, "wb") as logf:
+                return subprocess.Popen(argv, cwd=cwd, env=env, stdout=logf,
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=_die_with_parent)
+
+        out: queue.Queue[Any] = queue.Queue()
+        self._jobs.put((start, out))
+        result = out.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+_SPAWNER = _Spawner()
 
 
 class FakeRunPod:
@@ -513,11 +557,8 @@ class FakeRunPod:
             HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
         )
         pod.log_path = pod.workdir / "pod.log"
-        with open(pod.log_path, "wb") as logf:
-            pod.proc = subprocess.Popen(
-                [sys.executable, "-m", "jobs.train"], cwd=cwd, env=env,
-                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-            )
+        pod.proc = _SPAWNER.popen([sys.executable, "-m", "jobs.train"], cwd=cwd, env=env,
+                                  log_path=pod.log_path)
 
     def _kill(self, pod: FakePod) -> None:
         with self._lock:
