@@ -29,6 +29,8 @@ import logging
 import math
 import os
 import re
+import shutil
+import subprocess
 import tarfile
 import tempfile
 import threading
@@ -93,6 +95,7 @@ class JobState:
         self._secrets = [s for s in secrets if s]
         self._started = 0.0
         self.final_eval_loss: float | None = None  # val loss of the kept (best) model
+        self.last_contact = time.monotonic()  # last authorised request from the bot
 
     # -- progress ---------------------------------------------------------
     def snapshot(self) -> Progress:
@@ -819,6 +822,7 @@ def make_handler(state: JobState, token: str) -> type[BaseHTTPRequestHandler]:
         def _authorised(self) -> bool:
             given = self.headers.get("Authorization", "").encode()
             if hmac.compare_digest(given, expected):
+                state.last_contact = time.monotonic()
                 return True
             self.close_connection = True  # any unread request body must not poison keep-alive
             self._json(HTTPStatus.UNAUTHORIZED, {"error": "unauthorized"})
@@ -871,6 +875,38 @@ def make_handler(state: JobState, token: str) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+IDLE_ENV = "TUNER_POD_IDLE_TIMEOUT_S"
+DEFAULT_IDLE_TIMEOUT_S = 3600.0
+
+
+def idle_watchdog(state: JobState, timeout_s: float, on_idle: Any, tick_s: float = 5.0) -> None:
+    """Dead-man's switch: a pod nobody talks to must not bill forever.
+
+    While training runs the pod never gives up; once the job is finished (or none ever
+    arrived) and the bot has not polled for `timeout_s`, `on_idle()` removes the pod.
+    """
+    while True:
+        time.sleep(min(tick_s, timeout_s))
+        busy = state.snapshot().state not in TERMINAL_STATES | {"waiting"}
+        if busy:
+            continue
+        if time.monotonic() - state.last_contact >= timeout_s:
+            on_idle()
+            return
+
+
+def remove_this_pod() -> None:
+    """Terminate the pod from inside with runpodctl's pod-scoped key, then exit."""
+    pod_id = os.environ.get("RUNPOD_POD_ID", "")
+    log.warning("no contact from the bot; removing pod %s", pod_id or "(unknown)")
+    if pod_id and shutil.which("runpodctl"):
+        try:
+            subprocess.run(["runpodctl", "remove", "pod", pod_id], timeout=60, check=False)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.error("runpodctl failed: %s", type(exc).__name__)
+    os._exit(3)
+
+
 def make_server(host: str, port: int, token: str, workdir: Path) -> tuple[ThreadingHTTPServer, JobState]:
     state = JobState(workdir, secrets=[token, os.environ.get("HF_TOKEN", "")])
     server = ThreadingHTTPServer((host, port), make_handler(state, token))
@@ -893,7 +929,10 @@ def main(argv: list[str] | None = None) -> int:
     default_dir = "/workspace/tuner" if Path("/workspace").is_dir() else tempfile.mkdtemp(prefix="tuner-")
     workdir = Path(os.environ.get("TUNER_WORKDIR") or default_dir)
     workdir.mkdir(parents=True, exist_ok=True)
-    server, _ = make_server(ns.host, ns.port, token, workdir)
+    server, state = make_server(ns.host, ns.port, token, workdir)
+    idle_s = float(os.environ.get(IDLE_ENV) or DEFAULT_IDLE_TIMEOUT_S)
+    threading.Thread(target=idle_watchdog, args=(state, idle_s, remove_this_pod),
+                     name="idle-watchdog", daemon=True).start()
     log.info("listening on %s:%d, workdir %s", ns.host, server.server_address[1], workdir)
     try:
         server.serve_forever()

@@ -448,7 +448,9 @@ class TrainingService:
         return won
 
     def _create(self, run_id: int, token: str) -> tuple[str, Run, bool]:
-        env = {TOKEN_ENV: token, "TUNER_TRAIN_B64": pod_bundle_b64(), "PYTHONUNBUFFERED": "1"}
+        env = {TOKEN_ENV: token, "TUNER_TRAIN_B64": pod_bundle_b64(), "PYTHONUNBUFFERED": "1",
+               # the pod removes itself when the bot has been gone this long after training
+               "TUNER_POD_IDLE_TIMEOUT_S": str(self.settings.tuner_pod_idle_timeout_s)}
         if self.settings.hf_token:
             env["HF_TOKEN"] = self.settings.hf_token.get_secret_value()
         pod_id, choice = self.api.create_pod_with_fallback(

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     tuner_reaper_interval_s: int = 300
     tuner_poll_interval_s: float = 10.0
     tuner_pod_ready_timeout_s: float = 900.0
+    # a finished (or never started) pod that hears nothing from the bot this long removes
+    # itself with the pod-scoped runpodctl key: a dead bot can't keep a GPU billing
+    tuner_pod_idle_timeout_s: int = 3600
     tuner_vllm_image: str = "runpod/worker-v1-vllm:v2.7.0stable-cuda12.1.0"
     # JSON object merged into the pod TrainConfig (e.g. {"max_steps": 200}); tests use
     # {"tiny_random_model": true} so the pod program trains a tiny local model on CPU.

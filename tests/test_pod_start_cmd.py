@@ -58,3 +58,36 @@ def test_start_command_unpacks_installs_and_serves(tmp_path: Path) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def test_idle_pod_removes_itself_when_the_bot_is_gone(tmp_path: Path) -> None:
+    """Nobody polls a pod with no job / a finished job: it calls runpodctl on itself."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    runpodctl = shims / "runpodctl"
+    runpodctl.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/runpodctl.log\n')
+    runpodctl.chmod(0o755)
+    port = _free_port()
+    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "TUNER_POD_TOKEN": "t0k",
+           "TUNER_POD_PORT": str(port), "TUNER_WORKDIR": str(tmp_path / "work"),
+           "RUNPOD_POD_ID": "pod-abc", "TUNER_POD_IDLE_TIMEOUT_S": "3"}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.train"], env=env,
+                            cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        polled_until = time.monotonic() + 5  # polling keeps it alive past the 3 s timeout
+        while time.monotonic() < polled_until:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/progress", timeout=1,
+                          headers={"Authorization": "Bearer t0k"})
+            except httpx.HTTPError:
+                pass  # still starting
+            time.sleep(0.5)
+        time.sleep(1.0)
+        assert proc.poll() is None and not (tmp_path / "runpodctl.log").exists()
+        assert proc.wait(timeout=30) == 3  # then the bot goes quiet: removed, exited
+        assert (tmp_path / "runpodctl.log").read_text().split() == ["remove", "pod", "pod-abc"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
