@@ -13,7 +13,7 @@ from jobs.claude import ClaudeAPIError, ClaudeClient
 from jobs.llm import LLMOutputError
 from storage import spend
 from storage.db import Database
-from storage.models import Project, SpendEntry
+from storage.models import SpendEntry
 from storage.settings import Settings
 from tests.fakes.anthropic_fake import API_KEY, FakeAnthropic, Reply, schema_title, system_text
 
@@ -24,12 +24,8 @@ class Verdict(BaseModel):
 
 
 @pytest.fixture()
-def db(tmp_path):
-    d = Database(f"sqlite:///{tmp_path / 't.db'}")
-    with d.session() as s:
-        s.add(Project(thread_id="T:C:1", team_id="T", channel_id="C", thread_ts="1", created_by="U"))
-        s.commit()
-    return d
+def db(project_db):
+    return project_db
 
 
 def _client(fake: FakeAnthropic, db: Database, key: str = API_KEY) -> ClaudeClient:

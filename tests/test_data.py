@@ -31,7 +31,6 @@ from jobs.claude import ClaudeClient
 from jobs.llm import LLMOutputError
 from storage import spend
 from storage.db import Database
-from storage.models import Project
 from storage.settings import Settings
 from tests.fakes.anthropic_fake import API_KEY, FakeAnthropic, last_user_text, system_text
 
@@ -60,12 +59,8 @@ def seeded_examples(req: dict) -> str:
 
 
 @pytest.fixture()
-def db(tmp_path):
-    d = Database(f"sqlite:///{tmp_path / 't.db'}")
-    with d.session() as s:
-        s.add(Project(thread_id="T:C:1", team_id="T", channel_id="C", thread_ts="1", created_by="U"))
-        s.commit()
-    return d
+def db(project_db):
+    return project_db
 
 
 def claude(fake: FakeAnthropic, db: Database | None) -> ClaudeClient:

@@ -29,11 +29,6 @@ RP_KEY = "rp-secret-key-123"
 HF_KEY = "hf_secret_token_456"
 
 
-@pytest.fixture
-def db(tmp_path) -> Database:
-    return Database(f"sqlite:///{tmp_path / 't.db'}")
-
-
 def _settings(fake: FakeServerless, monkeypatch: pytest.MonkeyPatch) -> Settings:
     monkeypatch.setenv("RUNPOD_API_KEY", RP_KEY)
     monkeypatch.setenv("HF_TOKEN", HF_KEY)

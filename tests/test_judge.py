@@ -49,11 +49,6 @@ def responder(req: dict) -> str:
     return json.dumps({"winner": winner, "reason": f"judged {prompt}"})
 
 
-@pytest.fixture
-def db(tmp_path) -> Database:
-    return Database(f"sqlite:///{tmp_path / 't.db'}")
-
-
 def _seed(db: Database) -> tuple[int, dict[str, str], dict[str, str]]:
     """-> run id, generations by example id, prompt by example id"""
     with db.session() as s:

@@ -43,11 +43,8 @@ TrainingService(db, s, RunPodAPI(s), Path(sys.argv[3])).run(int(sys.argv[2]), la
 
 
 @pytest.fixture()
-def fake(monkeypatch, tmp_path):
-    with FakeRunPod.running(workroot=tmp_path / "pods") as f:
-        for k, v in f.env().items():
-            monkeypatch.setenv(k, v)
-        yield f
+def fake(fake_runpod):
+    return fake_runpod
 
 
 def db_at(tmp_path: Path) -> tuple[str, Database]:

@@ -9,7 +9,6 @@ import re
 import time
 from datetime import datetime, timedelta, timezone
 
-import pytest
 from sqlalchemy import text
 from sqlmodel import select
 
@@ -24,7 +23,6 @@ from storage.db import Database
 from storage.models import Dataset, EvalResult, Example, NightlyRun, Project, Run, TaskSpecRow
 from storage.settings import Settings
 from tests.fakes.anthropic_fake import API_KEY, FakeAnthropic
-from tests.fakes.runpod_fake import FakeRunPod
 
 TRAIN_CFG = {
     "tiny_random_model": True, "max_seq_len": 64, "batch_size": 8, "learning_rate": 5e-3,
@@ -92,12 +90,6 @@ def _services(db, tmp_path, anthropic_url: str, min_new: int):
     return settings, svc, notifier
 
 
-@pytest.fixture
-def fake_runpod(monkeypatch, tmp_path):
-    with FakeRunPod.running(workroot=tmp_path / "pods") as f:
-        for k, v in f.env().items():
-            monkeypatch.setenv(k, v)
-        yield f
 
 
 def _wait(pred, timeout=10.0):

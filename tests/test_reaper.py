@@ -11,17 +11,13 @@ from sqlmodel import select
 from jobs.reaper import Reaper, reap
 from jobs.runpod_api import RunPodAPI
 from storage.db import Database
-from storage.models import Project, Run, SpendEntry, utcnow
+from storage.models import Run, SpendEntry, utcnow
 from storage.settings import Settings
-from tests.fakes.runpod_fake import FakeRunPod
 
 
 @pytest.fixture()
-def fake(monkeypatch):
-    with FakeRunPod.running(run_pods=False) as f:
-        for k, v in f.env().items():
-            monkeypatch.setenv(k, v)
-        yield f
+def fake(fake_runpod_gql):
+    return fake_runpod_gql
 
 
 @pytest.fixture()
@@ -30,12 +26,8 @@ def api(fake):
 
 
 @pytest.fixture()
-def db(tmp_path):
-    d = Database(f"sqlite:///{tmp_path / 't.db'}")
-    with d.session() as s:
-        s.add(Project(thread_id="T:C:1", team_id="T", channel_id="C", thread_ts="1", created_by="U"))
-        s.commit()
-    return d
+def db(project_db):
+    return project_db
 
 
 def add_run(db: Database, status: str, pod_id: str | None) -> int:

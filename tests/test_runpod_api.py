@@ -9,17 +9,13 @@ from runpod import error as rp_error
 from jobs.runpod_api import FALLBACK_PRICES, RunPodAPI, gql_escape
 from jobs.types import NoCapacityError
 from storage.settings import Settings
-from tests.fakes.runpod_fake import FakeRunPod
 
 GPUS = ["NVIDIA RTX A5000", "NVIDIA GeForce RTX 4090"]
 
 
 @pytest.fixture()
-def fake(monkeypatch):
-    with FakeRunPod.running(run_pods=False) as f:
-        for k, v in f.env().items():
-            monkeypatch.setenv(k, v)
-        yield f
+def fake(fake_runpod_gql):
+    return fake_runpod_gql
 
 
 @pytest.fixture()

@@ -19,7 +19,6 @@ from jobs.types import BudgetExceededError, RunSnapshot
 from storage.db import Database
 from storage.models import Dataset, Example, MetricPoint, Project, Run, SpendEntry, TaskSpecRow
 from storage.settings import Settings
-from tests.fakes.runpod_fake import FakeRunPod
 
 TRAIN_CFG = {
     "tiny_random_model": True, "max_seq_len": 64, "batch_size": 8, "learning_rate": 5e-3,
@@ -28,11 +27,8 @@ TRAIN_CFG = {
 
 
 @pytest.fixture()
-def fake(monkeypatch, tmp_path):
-    with FakeRunPod.running(workroot=tmp_path / "pods") as f:
-        for k, v in f.env().items():
-            monkeypatch.setenv(k, v)
-        yield f
+def fake(fake_runpod):
+    return fake_runpod
 
 
 def make_settings(**kw) -> Settings:
@@ -43,11 +39,6 @@ def make_settings(**kw) -> Settings:
     )
     base.update(kw)
     return Settings(**base)
-
-
-@pytest.fixture()
-def db(tmp_path):
-    return Database(f"sqlite:///{tmp_path / 't.db'}")
 
 
 def seed(db: Database, budget: float = 50.0) -> tuple[int, int]:
