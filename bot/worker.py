@@ -1,6 +1,8 @@
 """Per-thread serialized executor: same key runs in order, different keys in parallel.
 
-Bolt listener threads only enqueue here and return, so acks stay fast.
+Bolt listener threads only enqueue here and return, so acks stay fast. Each busy key gets
+its own thread (a key's work may block for hours while its run trains), so busy projects
+never starve others of a worker; `max_queued` bounds the total.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ log = logging.getLogger(__name__)
 
 class ThreadWorker:
     def __init__(self, max_workers: int = 8, max_queued: int = 1000) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="tuner-work")
+        # max_workers no longer caps busy keys: a fixed pool of N threads was exhausted by
+        # N projects training at once and the bot stopped answering everyone else.
+        del max_workers
+        self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._queues: dict[str, deque[Callable[[], Any]]] = {}
         self._max_queued = max_queued
@@ -42,10 +47,10 @@ class ThreadWorker:
                 q.append(task)
                 return True
             self._queues[key] = deque([task])
-        try:
-            self._pool.submit(self._drain, key)
-        except RuntimeError:  # shut down between the check and here
-            return False
+            t = threading.Thread(target=self._drain, args=(key,), daemon=True,
+                                 name=f"tuner-work-{key}")
+            self._threads.add(t)
+        t.start()
         return True
 
     def run_now(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
@@ -67,6 +72,7 @@ class ThreadWorker:
                 q = self._queues[key]
                 if not q:
                     del self._queues[key]
+                    self._threads.discard(threading.current_thread())
                     self._idle.notify_all()
                     return
                 task = q.popleft()
@@ -86,5 +92,8 @@ class ThreadWorker:
     def shutdown(self, wait: bool = True) -> None:
         with self._lock:
             self._closed = True
-        self._pool.shutdown(wait=wait)
+            threads = list(self._threads)
+        if wait:
+            for t in threads:
+                t.join()
         self._urgent.shutdown(wait=wait)

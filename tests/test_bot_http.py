@@ -513,3 +513,22 @@ def test_tuner_nightly_on_off_schedules_the_project(make_bot, tmp_path) -> None:
         assert scheduler.get_job(job_id(p.id)) is None
     finally:
         scheduler.shutdown(wait=False)
+
+
+def test_long_running_threads_do_not_starve_other_projects(make_bot) -> None:
+    """Training runs block their thread's work for hours: as many busy projects as the
+    worker has threads must not leave a new mention unanswered."""
+    bot = make_bot()  # ThreadWorker(max_workers=4)
+    for k in range(4):
+        bot.post(mention_pair("U1", CH, f"950.00000{k}", "start")[0])
+    bot.idle()
+    bot.runner.block = threading.Event()  # every thread's reply() now runs "for hours"
+    try:
+        for k in range(4):
+            bot.post(message_event("U1", CH, f"950.10000{k}", "train", thread_ts=f"950.00000{k}"))
+        time.sleep(0.2)
+        bot.post(mention_pair("U2", CH, "960.000001", "another project")[0])
+        bot.fake.wait_for(lambda: len(bot.runner.of("start")) == 5, 3)
+    finally:
+        bot.runner.block.set()
+    bot.idle()
