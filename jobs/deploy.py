@@ -179,6 +179,8 @@ class DeployService:
             if run is None or run.project_id != project_id:
                 raise DeployError(f"Run {run_id} does not belong to project {project_id}.")
             ref = model_ref_for(run, self.settings)
+        self._remove_stale(project_id)
+        with self.db.session() as s:
             dep = Deployment(project_id=project_id, run_id=run_id, model_ref=ref, status="creating")
             s.add(dep)
             s.commit()
@@ -230,6 +232,31 @@ class DeployService:
             cost_per_1k_usd=fine_tuned_cost_per_1k(exec_times, price),
             big_model_cost_per_1k_usd=self._big_model_cost_safe(system, examples),
         )
+
+    def _remove_stale(self, project_id: int) -> None:
+        """Tear down the project's deployments left "creating" by a bot that died mid-deploy
+        (one deploy step runs per project thread at a time, so none is in progress now):
+        their queued smoke job keeps the endpoint trying to start billed GPU workers."""
+        with self.db.session() as s:
+            stale = list(s.exec(select(Deployment).where(
+                Deployment.project_id == project_id, Deployment.status == "creating")).all())
+        for dep in stale:
+            if dep.endpoint_id is None:  # died between creating the endpoint and saving its id?
+                name = endpoint_name(dep)
+                try:
+                    found = [e for e in self.client.list_endpoints() if e.get("name") == name]
+                except ServerlessError as exc:
+                    raise DeployError(redact(str(exc), self.settings)) from exc
+                if found:
+                    dep = self._save(dep, endpoint_id=str(found[0]["id"]))
+            leftover = self._teardown(dep)
+            if leftover:
+                raise DeployError(redact(
+                    f"An earlier, interrupted deployment could not be removed ({leftover}); "
+                    f"delete {endpoint_name(dep)} in the RunPod console and try again.",
+                    self.settings))
+            log.warning("removed endpoint %s left by an interrupted deploy", dep.endpoint_id)
+            self._save(dep, status="failed", removed_at=utcnow())
 
     def price_per_s(self) -> float:
         """Flex worker USD/s of the first GPU pool asked for (AMPERE_24's when unknown)."""

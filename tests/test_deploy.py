@@ -277,3 +277,33 @@ def test_delete_refused_while_workers_set(fake, monkeypatch):
     client.delete_endpoint(eid)
     client.delete_template("tuner-x")
     assert fake.live_endpoints == [] and fake.live_templates == []
+
+
+class _Killed(BaseException):
+    """The bot process dying (kill -9 / restart) while it waits for the smoke job."""
+
+
+def test_deploy_after_crash_mid_deploy_removes_the_leftover_endpoint(db, fake, monkeypatch):
+    # The queued smoke job keeps a leftover endpoint trying to start GPU workers: a
+    # restarted deploy (the graph re-runs the node) must not leave it behind.
+    fake.queue_polls = 5
+    pid, rid = _project_run(db)
+
+    def die(_s: float) -> None:
+        raise _Killed()
+
+    with pytest.raises(_Killed):
+        _service(db, fake, monkeypatch, sleep=die).deploy(pid, rid)
+    (stale_ep,) = fake.live_endpoints
+    with db.session() as s:
+        stale = s.exec(select(Deployment)).one()
+    assert stale.status == "creating"
+
+    fake.queue_polls = 0
+    dep = _service(db, fake, monkeypatch).deploy(pid, rid)
+    assert dep.status == "healthy" and dep.id != stale.id
+    assert fake.live_endpoints == [dep.endpoint_id] and stale_ep not in fake.live_endpoints
+    assert fake.live_templates == [template_name(dep)]
+    with db.session() as s:
+        old = s.get(Deployment, stale.id)
+    assert old.status == "failed" and old.removed_at is not None
