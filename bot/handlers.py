@@ -156,8 +156,12 @@ class Handlers:
             assert thread_id is not None
             files = event.get("files") or []
             if subtype == "file_share" and files:
+                # own queue: the thread's queue may be blocked for hours by a training run;
+                # runner.import_file waits briefly for the thread, else keeps the data for
+                # the next retrain
                 for f in files:
-                    self.worker.submit(thread_id, self._import, client, thread_id, user, f)
+                    self.worker.submit(f"{thread_id}#import", self._import, client, thread_id,
+                                       user, f)
             if text:
                 self.worker.submit(thread_id, self.runner.reply, thread_id, user, text)
             return

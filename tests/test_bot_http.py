@@ -532,3 +532,25 @@ def test_long_running_threads_do_not_starve_other_projects(make_bot) -> None:
     finally:
         bot.runner.block.set()
     bot.idle()
+
+
+def test_file_shared_while_thread_is_busy_is_imported_without_waiting(make_bot) -> None:
+    """A file dropped while the thread's run trains (its work blocked for hours) reaches
+    the runner now: import_file itself decides to add it for the next retrain."""
+    bot = make_bot()
+    bot.post(mention_pair("U1", CH, "970.000001", "start")[0])
+    bot.idle()
+    bot.runner.block = threading.Event()
+    try:
+        bot.post(message_event("U1", CH, "970.000002", "busy", thread_ts="970.000001"))
+        time.sleep(0.2)
+        content = b'{"prompt": "a", "response": "b"}\n'
+        f = bot.fake.add_file("more.jsonl", content)
+        bot.post(message_event("U1", CH, "970.000003", "", thread_ts="970.000001",
+                               subtype="file_share", files=[f]))
+        bot.fake.wait_for(lambda: bot.runner.of("import"), 3)
+        assert bot.runner.of("import") == [
+            (f"{TEAM_ID}:{CH}:970.000001", "U1", "more.jsonl", content)]
+    finally:
+        bot.runner.block.set()
+    bot.idle()
