@@ -19,6 +19,9 @@ from storage.redact import redact
 
 log = logging.getLogger(__name__)
 
+# chat.update errors meaning the progress message can no longer be edited: post a new one
+_GONE = {"message_not_found", "cant_update_message", "edit_window_closed", "channel_not_found"}
+
 def split_thread_id(thread_id: str) -> tuple[str, str, str | None]:
     team, channel, ts = (thread_id.split(":", 2) + ["", ""])[:3]
     return team, channel, ts or None
@@ -43,9 +46,18 @@ class SlackNotifier:
         with self._lock_for(thread_id, key):
             ref = self._ref(thread_id, key)
             if ref is not None:
-                resp = self._call("chat_update", channel=ref.channel_id, ts=ref.ts, text=text,
-                                  blocks=blocks)
-                if resp is not None:
+                try:
+                    self.client.chat_update(channel=ref.channel_id, ts=ref.ts, text=text,
+                                            blocks=blocks)
+                    return
+                except SlackApiError as e:
+                    error = e.response.get("error")
+                    log.warning("slack chat_update failed: %s", error)
+                    if error not in _GONE:  # transient (rate limit, outage): the next
+                        return              # update edits the same message
+                except (SlackClientError, OSError) as e:
+                    log.warning("slack chat_update failed: %s",
+                                redact(type(e).__name__ + ": " + str(e)))
                     return
                 # message gone (deleted / not found): post a fresh one below
             posted = self._call("chat_postMessage", channel=channel, thread_ts=ts, text=text,

@@ -137,6 +137,18 @@ def test_progress_reposts_when_message_was_deleted(fake: FakeSlack, db: Database
     assert [r.ts for r in refs] == [msgs[0]["ts"]]
 
 
+def test_progress_update_failing_transiently_does_not_post_a_duplicate(fake: FakeSlack,
+                                                                       db: Database) -> None:
+    n = _notifier(fake, db)
+    n.progress(TID, "train", "step 1/100")
+    fake.fail["chat.update"] = "ratelimited"
+    n.progress(TID, "train", "step 2/100")  # lost; the next update catches up
+    n.progress(TID, "train", "step 3/100")
+    msgs = fake.thread(CH, "100.000001")
+    assert [m["text"] for m in msgs] == ["step 3/100"]
+    assert len(fake.calls_to("chat.postMessage")) == 1
+
+
 def test_upload_uses_three_step_v2_flow_into_thread(fake: FakeSlack, db: Database) -> None:
     n = _notifier(fake, db)
     png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 10
