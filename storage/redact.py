@@ -11,7 +11,7 @@ MASK = "[redacted]"
 
 # token-shaped strings: Slack, Anthropic, Hugging Face, RunPod, bearer headers, ?api_key=
 _TOKEN_RE = re.compile(
-    r"xox[abposr]-[A-Za-z0-9-]+|xapp-[A-Za-z0-9-]+|sk-ant-[A-Za-z0-9_-]+|hf_[A-Za-z0-9]{8,}"
+    r"xox[abeposr]-[A-Za-z0-9.-]+|xapp-[A-Za-z0-9-]+|sk-ant-[A-Za-z0-9_-]+|hf_[A-Za-z0-9]{8,}"
     r"|rpa_[A-Za-z0-9]+"
 )
 _PREFIXED_RE = re.compile(r"(api_key=|Bearer\s+)[A-Za-z0-9._~+/=-]+", re.I)
@@ -47,6 +47,8 @@ class RedactingFilter(logging.Filter):
         if record.exc_info and record.exc_info[1] is not None:
             record.exc_text = redact(logging.Formatter().formatException(record.exc_info),
                                      self.settings)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info, self.settings)
         return True
 
 

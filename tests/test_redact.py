@@ -8,10 +8,10 @@ def test_masks_configured_values_and_token_shapes() -> None:
     settings = Settings(_env_file=None, runpod_api_key=SecretStr("PLAIN123SECRET"),  # type: ignore[call-arg]
                         slack_signing_secret=SecretStr("sigsecret42"))
     text = ("key PLAIN123SECRET sig sigsecret42 xoxb-1-abc xapp-1-A-2 sk-ant-api03-x_y "
-            "hf_abcdefghijkl rpa_ABC123 Authorization: Bearer tok.en-1 url?api_key=k3y&x=1")
+            "xoxe-1-refresh.tok xoxe.xoxp-1-rot hf_abcdefghijkl rpa_ABC123 Authorization: Bearer tok.en-1 url?api_key=k3y&x=1")
     out = redact(text, settings)
     for secret in ("PLAIN123SECRET", "sigsecret42", "xoxb-1-abc", "xapp-1-A-2", "sk-ant-api03",
-                   "hf_abcdefghijkl", "rpa_ABC123", "tok.en-1", "k3y"):
+                   "hf_abcdefghijkl", "rpa_ABC123", "xoxe-1-refresh", "xoxp-1-rot", "tok.en-1", "k3y"):
         assert secret not in out
     assert "Bearer [redacted]" in out and "api_key=[redacted]&x=1" in out
     assert redact("nothing secret here") == "nothing secret here"
@@ -31,6 +31,7 @@ def test_log_filter_masks_messages_args_and_tracebacks() -> None:
     log.addHandler(handler)
     try:
         log.warning("calling with %s and %s", "PLAINKEY99", "xoxb-9-zzz")
+        log.warning("with stack PLAINKEY99", stack_info=True)
         try:
             raise RuntimeError("boom Bearer abc.def PLAINKEY99")
         except RuntimeError:
