@@ -23,8 +23,14 @@ class _Server(ThreadingHTTPServer):
 
 
 def make_client(settings: Settings) -> WebClient:
+    """WebClient that also retries HTTP 429 after Slack's Retry-After (the SDK's default
+    handlers retry connection errors only, so a rate-limited post would be lost)."""
+    from slack_sdk.http_retry import RateLimitErrorRetryHandler, default_retry_handlers
+
     token = settings.slack_bot_token.get_secret_value() if settings.slack_bot_token else None
-    return WebClient(token=token, base_url=settings.tuner_slack_api_url)
+    handlers = [*default_retry_handlers(), RateLimitErrorRetryHandler(max_retry_count=3)]
+    return WebClient(token=token, base_url=settings.tuner_slack_api_url,
+                     retry_handlers=handlers)
 
 
 def create_app(

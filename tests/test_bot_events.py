@@ -149,6 +149,21 @@ def test_progress_update_failing_transiently_does_not_post_a_duplicate(fake: Fak
     assert len(fake.calls_to("chat.postMessage")) == 1
 
 
+def test_rate_limited_messages_are_retried_not_lost(fake: FakeSlack, db: Database,
+                                                   tmp_path) -> None:
+    """Slack answers 429 + Retry-After when a thread gets busy: the production client
+    (make_client) waits and retries instead of dropping the message."""
+    from bot.app import make_client
+
+    settings = Settings(_env_file=None, slack_bot_token=BOT_TOKEN,  # type: ignore[call-arg]
+                        tuner_slack_api_url=fake.base_url)
+    n = SlackNotifier(make_client(settings), db)
+    fake.ratelimit["chat.postMessage"] = 2
+    n.say(TID, "Dataset ready")
+    assert [m["text"] for m in fake.thread(CH, "100.000001")] == ["Dataset ready"]
+    assert len(fake.calls_to("chat.postMessage")) == 3
+
+
 def test_upload_uses_three_step_v2_flow_into_thread(fake: FakeSlack, db: Database) -> None:
     n = _notifier(fake, db)
     png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 10

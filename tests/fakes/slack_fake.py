@@ -50,6 +50,8 @@ class FakeSlack:
     downloads: list[tuple[str, str | None]] = field(default_factory=list)
     acks: dict[str, dict[str, Any]] = field(default_factory=dict)
     fail: dict[str, str] = field(default_factory=dict)  # method -> error to return (once)
+    # method -> how many next calls get HTTP 429 + Retry-After (Slack's rate limiting)
+    ratelimit: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._lock = threading.Condition()
@@ -215,6 +217,16 @@ class FakeSlack:
                 return self._json(h, {"ok": False, "error": "invalid_auth"})
             if method in self.fail:
                 return self._json(h, {"ok": False, "error": self.fail.pop(method)})
+            if self.ratelimit.get(method, 0) > 0:
+                self.ratelimit[method] -= 1
+                body = json.dumps({"ok": False, "error": "ratelimited"}).encode()
+                h.send_response(429)
+                h.send_header("Retry-After", "0")
+                h.send_header("Content-Type", "application/json; charset=utf-8")
+                h.send_header("Content-Length", str(len(body)))
+                h.end_headers()
+                h.wfile.write(body)
+                return None
             fn = getattr(self, "_m_" + method.replace(".", "_"), None)
             if fn is None:
                 return self._json(h, {"ok": False, "error": "unknown_method"})
