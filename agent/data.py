@@ -558,13 +558,25 @@ def store_dataset(
     seed: int,
     dropped_dupes: int = 0,
     dropped_invalid: int = 0,
+    *,
+    adopt_existing: bool = False,
 ) -> Dataset:
-    """One Dataset row plus its Example rows; examples already in the project are skipped."""
+    """One Dataset row plus its Example rows; examples already in the project are skipped.
+
+    With `adopt_existing`, examples the project already has join the new dataset instead
+    (keeping their split, so a frozen test example never becomes training data): a file
+    that overlaps earlier data, or an import step re-run after a crash, still yields the
+    whole dataset rather than only the rows that were new.
+    """
     unknown = set(splits) - {"train", "val", "test"}
     if unknown:
         raise ValueError(f"unknown split name(s): {sorted(unknown)}")
     with db.session() as s:
-        existing = set(s.exec(select(Example.content_hash).where(Example.project_id == project_id)))
+        known = {
+            e.content_hash: e
+            for e in s.exec(select(Example).where(Example.project_id == project_id))
+        }
+        existing = set(known)
         ds = Dataset(
             project_id=project_id,
             source=source,
@@ -579,6 +591,11 @@ def store_dataset(
             for p in splits.get(name, []):
                 h = content_hash(p)
                 if h in existing:
+                    old = known.get(h)
+                    if adopt_existing and old is not None and old.dataset_id != ds.id:
+                        old.dataset_id = ds.id
+                        s.add(old)
+                        counts[old.split] = counts.get(old.split, 0) + 1
                     continue
                 existing.add(h)
                 s.add(

@@ -260,6 +260,18 @@ def test_store_and_load(db):
     assert [e.prompt for e in load_split(db, ds2.id, "train")] == ["new one"]
     with pytest.raises(ValueError, match="unknown split"):
         store_dataset(db, 1, {"dev": []}, source="x", seed=0)
+    # adopting: an overlapping file (or a re-run import) yields the whole dataset; known
+    # examples keep their split, so the old test example stays out of training
+    old_test = parts["test"][0]
+    again = {"train": pairs[:5] + [old_test, _p("another", "y")], "val": [], "test": []}
+    ds3 = store_dataset(db, 1, again, source="import", seed=0, adopt_existing=True)
+    assert (ds3.n_train, ds3.n_val, ds3.n_test) == (
+        1 + sum(p in parts["train"] for p in pairs[:5]),
+        sum(p in parts["val"] for p in pairs[:5]),
+        1 + sum(p in parts["test"] for p in pairs[:5]),
+    )
+    assert old_test.prompt in [e.prompt for e in load_split(db, ds3.id, "test")]
+    assert len(load_split(db, ds3.id, "train")) == ds3.n_train
 
 
 def test_near_dup_index_threshold_is_configurable():
