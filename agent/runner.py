@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 IMPORT_LOCK_WAIT_S = 2.0  # a training thread holds its lock for hours: don't wait for it
 TEXT_ACTIONS = {"question": "answer", "spec": "change", "samples": "regenerate", "retry": "retry"}
 _MENTION = re.compile(r"<@[A-Z0-9]+>\s*")
+# state of a previous round, cleared when a finished thread starts over
+_RESET = ("spec", "spec_row_id", "dataset_id", "launch_card", "launch_user", "run_id",
+          "best_eval_loss", "eval_id", "eval_summary", "deployment_id", "deploy_info",
+          "pending_import", "return_to", "failed_node", "error")
 
 
 class RunnerClosed(RuntimeError):
@@ -71,7 +75,10 @@ class AgentRunner:
             if not ok:
                 return
             project_id = self._project_id(tid)
-            if project_id is not None and self._has_state(tid):
+            state = self._state(tid) if project_id is not None else None
+            # a finished thread (skipped or undeployed: "mention me again to start over")
+            # starts a fresh definition; a running one treats the mention as a reply
+            if state is not None and state.values and state.next:
                 if not self._reply_locked(tid, user, text):
                     self.ctx.notifier.say(
                         tid, "I'm busy with this project; I'll post here when there's a next step."
@@ -79,13 +86,18 @@ class AgentRunner:
                 return
             if project_id is None:
                 project_id = self._create_project(tid, team, channel, thread_ts, user)
-            first = {
+            first: dict[str, Any] = {k: None for k in _RESET}
+            first.update({
                 "thread_id": tid,
                 "project_id": project_id,
                 "messages": [{"role": "user", "content": text or "(no description yet)"}],
                 "guidelines": [],
+                "samples": [],
+                "edited": [],
+                "gold_examples": [],
+                "generations": {},
                 "sample_round": 0,
-            }
+            })
             self._invoke(tid, first)
 
     def reply(self, thread_id: str, user: str, text: str) -> bool:

@@ -162,7 +162,10 @@ class Handlers:
                 for f in files:
                     self.worker.submit(f"{thread_id}#import", self._import, client, thread_id,
                                        user, f)
-            if text:
+            if mentioned:  # a reply while it runs; starts over once the project finished
+                self.worker.submit(thread_id, self.runner.start, team=team, channel=channel,
+                                   thread_ts=thread_ts, user=user, text=text)
+            elif text:
                 self.worker.submit(thread_id, self.runner.reply, thread_id, user, text)
             return
         root = thread_ts or ts

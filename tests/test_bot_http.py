@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from sqlmodel import select
 
 from bot import blocks as B
 from bot.app import EVENTS_PATH, create_app, make_http_server
@@ -40,9 +41,10 @@ class ScriptedRunner:
     def start(self, *, team: str, channel: str, thread_ts: str, user: str, text: str) -> None:
         tid = f"{team}:{channel}:{thread_ts}"
         with self.db.session() as s:
-            s.add(Project(thread_id=tid, team_id=team, channel_id=channel, thread_ts=thread_ts,
-                          created_by=user, name=text[:20]))
-            s.commit()
+            if s.exec(select(Project).where(Project.thread_id == tid)).first() is None:
+                s.add(Project(thread_id=tid, team_id=team, channel_id=channel,
+                              thread_ts=thread_ts, created_by=user, name=text[:20]))
+                s.commit()
         self.calls.append(("start", (tid, user, text)))
 
     def reply(self, thread_id: str, user: str, text: str) -> bool:
@@ -554,3 +556,20 @@ def test_file_shared_while_thread_is_busy_is_imported_without_waiting(make_bot) 
     finally:
         bot.runner.block.set()
     bot.idle()
+
+
+def test_mention_in_a_project_thread_goes_to_start(make_bot) -> None:
+    """A mention inside a project's thread reaches runner.start, which answers a pending
+    question or starts over once the project finished ("Mention me again to start over");
+    plain replies still go to runner.reply."""
+    bot = make_bot()
+    bot.post(mention_pair("U1", CH, "980.000001", "triage")[0])
+    bot.idle()
+    app_mention, message = mention_pair("U1", CH, "980.000002", "summarise instead",
+                                        thread_ts="980.000001")
+    bot.post(app_mention)
+    bot.post(message)
+    bot.idle()
+    tid = f"{TEAM_ID}:{CH}:980.000001"
+    assert bot.runner.of("start") == [(tid, "U1", "triage"), (tid, "U1", "summarise instead")]
+    assert bot.runner.of("reply") == []

@@ -426,6 +426,31 @@ def test_mention_in_existing_thread_is_a_reply(env: Env) -> None:
     assert env.asks()[-1][1]["text"] == "Question 2?"
 
 
+def test_mention_after_skip_starts_over_in_the_same_thread(env: Env) -> None:
+    """'Not deployed. Mention me again to start over.' must be true: a mention in the
+    finished thread starts a fresh definition (no leftovers from the old round)."""
+    env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1", text="triage")
+    env.runner.import_file(TID, "U1", "tickets.jsonl", JSONL.encode())
+    launch_iid = env.only_pending("launch")
+    assert env.runner.resume(TID, launch_iid, {"action": "launch", "user": "UADMIN"})
+    deploy_iid = env.only_pending("deploy")
+    assert env.runner.resume(TID, deploy_iid, {"action": "skip", "user": "UADMIN"})
+    assert "Mention me again to start over" in env.notifier.texts("say")[-1]
+    assert env.runner.pending(TID) == []
+
+    env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1",
+                     text="<@UBOT> now summarise tickets instead")
+    assert not any("busy" in t for t in env.notifier.texts("say"))
+    env.only_pending("question")
+    last = _requests(env.fake, "[tuner:define]")[-1]
+    assert last["messages"] == [{"role": "user", "content": "now summarise tickets instead"}]
+    values = env.runner.graph.get_state({"configurable": {"thread_id": TID}}).values
+    assert values.get("run_id") is None and values.get("dataset_id") is None
+    assert not values.get("gold_examples") and not values.get("spec")
+    with env.db.session() as s:
+        assert len(s.exec(select(Project)).all()) == 1
+
+
 def test_deploy_and_undeploy_through_serverless_fake(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
