@@ -132,7 +132,9 @@ class Handlers:
         self, body: dict, event: dict, context: BoltContext, client: WebClient, *, mentioned: bool
     ) -> None:
         subtype = event.get("subtype")
-        if subtype not in (None, "file_share") or event.get("bot_id") or not event.get("user"):
+        # thread_broadcast: a reply also sent to the channel (still a reply in the thread)
+        if subtype not in (None, "file_share", "thread_broadcast") or event.get("bot_id") \
+                or not event.get("user"):
             return
         if event.get("user") == context.bot_user_id:
             return

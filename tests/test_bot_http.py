@@ -573,3 +573,14 @@ def test_mention_in_a_project_thread_goes_to_start(make_bot) -> None:
     tid = f"{TEAM_ID}:{CH}:980.000001"
     assert bot.runner.of("start") == [(tid, "U1", "triage"), (tid, "U1", "summarise instead")]
     assert bot.runner.of("reply") == []
+
+
+def test_reply_also_sent_to_channel_is_still_an_answer(make_bot) -> None:
+    """'Also send to #channel' replies arrive with subtype thread_broadcast."""
+    bot = make_bot()
+    bot.post(mention_pair("U1", CH, "990.000001", "triage")[0])
+    bot.idle()
+    bot.post(message_event("U1", CH, "990.000002", "labels: bug, billing",
+                           thread_ts="990.000001", subtype="thread_broadcast"))
+    bot.idle()
+    assert bot.runner.of("reply") == [(f"{TEAM_ID}:{CH}:990.000001", "U1", "labels: bug, billing")]
