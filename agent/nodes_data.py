@@ -155,7 +155,16 @@ def _finish_dataset(
     `gold` (user-edited examples, also in `pairs` and first there so dedup keeps them over
     generated near-copies) always go to the train split.
     """
-    from agent.data import content_hash, dedup, split, store_dataset, to_jsonl, validate
+    from agent.data import (
+        content_hash,
+        dedup,
+        load_split,
+        split,
+        store_dataset,
+        to_jsonl,
+        validate,
+    )
+    from agent.spec import ExamplePair
 
     project_id = state["project_id"]
     spec = state.get("spec") or {}
@@ -173,19 +182,24 @@ def _finish_dataset(
     gold_hashes = {content_hash(g) for g in gold or []}
     splits = split([p for p in valid if content_hash(p) not in gold_hashes], seed)
     splits["train"] = [p for p in valid if content_hash(p) in gold_hashes] + splits["train"]
-    dataset = store_dataset(ctx.db, project_id, splits, source, seed, n_dupes, n_invalid)
+    # examples the project already has (an overlapping file, a step re-run after a crash)
+    # join this dataset with their old split, so the stored counts are the truth
+    dataset = store_dataset(ctx.db, project_id, splits, source, seed, n_dupes, n_invalid,
+                            adopt_existing=True)
+    train = [ExamplePair(prompt=e.prompt, response=e.response, reference=e.reference)
+             for e in load_split(ctx.db, int(dataset.id), "train")]  # type: ignore[arg-type]
     name = str(spec.get("name") or "dataset")
-    body = to_jsonl(splits["train"], str(spec.get("system_prompt") or ""))
+    body = to_jsonl(train, str(spec.get("system_prompt") or ""))
     ctx.notifier.upload(
         state["thread_id"], f"{name}-train.jsonl", body, title=f"{name} training set",
-        comment=f"{len(splits['train'])} training examples",
+        comment=f"{len(train)} training examples",
     )
     ctx.notifier.say(
         state["thread_id"],
         f"{label}: {len(pairs)} examples in, {n_dupes} duplicates dropped "
         f"(exact {n_exact}, near {n_near}), "
-        f"{n_invalid} invalid dropped. Split: {len(splits['train'])} train / "
-        f"{len(splits['val'])} val / {len(splits['test'])} test.",
+        f"{n_invalid} invalid dropped. Split: {dataset.n_train} train / "
+        f"{dataset.n_val} val / {dataset.n_test} test.",
     )
     set_project(ctx, project_id, status="ready")
     return {"dataset_id": dataset.id, "pending_import": None, "error": None}

@@ -486,3 +486,21 @@ def test_deploy_and_undeploy_through_serverless_fake(
         assert rp.live_endpoints == [] and env.runner.pending(TID) == []
         with env.db.session() as s:
             assert s.exec(select(Deployment)).one().status == "removed"
+
+
+def test_reimporting_an_overlapping_file_keeps_the_whole_dataset(env: Env) -> None:
+    env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1", text="triage")
+    assert env.runner.import_file(TID, "U1", "tickets.jsonl", JSONL.encode())
+    env.only_pending("launch")
+    # the same file again (plus one new row) while the launch card waits
+    extra = json.dumps({"prompt": "Ticket X: printer on fire", "response": "hardware"})
+    assert env.runner.import_file(TID, "U1", "tickets-v2.jsonl", (JSONL + "\n" + extra).encode())
+    env.only_pending("launch")
+    with env.db.session() as s:
+        first, second = s.exec(select(Dataset).order_by(Dataset.id)).all()
+        in_second = s.exec(select(func.count()).select_from(Example)
+                           .where(Example.dataset_id == second.id)).one()
+    assert second.n_train + second.n_val + second.n_test == 41 == in_second
+    assert "Split: " in env.notifier.texts("say")[-1]
+    lines = env.notifier.texts("upload")[-1][1].decode().splitlines()
+    assert len(lines) == second.n_train
