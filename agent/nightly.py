@@ -15,6 +15,7 @@ reference outputs instead.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -81,9 +82,38 @@ class NightlyService:
                 log.info("nightly %s/%s already ran (%s)", project_id, run_date, existing.status)
                 return existing
             s.refresh(row)
+        return self._execute(project, row, lambda: self._work(project, row))
+
+    def recover(self) -> list[int]:
+        """After a restart: finish nightlies that a dead process left "running".
+
+        One whose training run was launched re-attaches to it (the trainer adopts the pod)
+        and is judged and reported as usual; one that died before launching is reported
+        as interrupted, and its new data waits for the next night.
+        """
+        with self.db.session() as s:
+            rows = list(s.exec(select(NightlyRun).where(NightlyRun.status == "running")).all())
+        for row in rows:
+            with self.db.session() as s:
+                project = s.get(Project, row.project_id)
+            if project is None:
+                continue
+            self._execute(project, row, functools.partial(self._resume_work, project, row))
+        return [int(r.id) for r in rows]  # type: ignore[arg-type]
+
+    def _resume_work(self, project: Project, row: NightlyRun) -> tuple[str, str, int | None]:
+        if row.run_id is None:
+            return ("failed", "interrupted by a bot restart before training started; "
+                    "the new data is kept for the next night.", None)
+        return self._train_judge(project, row.run_id, row.new_examples)
+
+    def _execute(
+        self, project: Project, row: NightlyRun, work: Callable[[], tuple[str, str, int | None]]
+    ) -> NightlyRun:
+        project_id, run_date = int(project.id), row.run_date  # type: ignore[arg-type]
         started = utcnow()
         try:
-            status, body, run_id = self._work(project)
+            status, body, run_id = work()
         except Exception as exc:  # noqa: BLE001 - always report, never crash the scheduler
             log.exception("nightly %s/%s failed", project_id, run_date)
             detail = redact(f"{type(exc).__name__}: {exc}", self.settings)[:300]
@@ -104,7 +134,7 @@ class NightlyService:
         return row
 
     # ---------------------------------------------------------------- the work
-    def _work(self, project: Project) -> tuple[str, str, int | None]:
+    def _work(self, project: Project, row: NightlyRun) -> tuple[str, str, int | None]:
         pid = int(project.id)  # type: ignore[arg-type]
         new = self._new_examples(pid)
         need = self.settings.tuner_nightly_min_new_examples
@@ -118,6 +148,16 @@ class NightlyService:
             return "failed", "failed: the project has no champion model to compare with yet.", None
         dataset_id = self._nightly_dataset(pid, new)
         run_id = self.trainer.launch(pid, dataset_id, user_id=NIGHTLY_USER)
+        with self.db.session() as s:  # a restarted process finds the run through this row
+            r = s.get(NightlyRun, row.id)
+            assert r is not None
+            r.run_id, r.new_examples = run_id, len(new)
+            s.add(r)
+            s.commit()
+        return self._train_judge(project, run_id, len(new))
+
+    def _train_judge(self, project: Project, run_id: int, n_new: int) -> tuple[str, str, int | None]:
+        pid = int(project.id)  # type: ignore[arg-type]
         outcome = self.trainer.run(run_id, lambda _snap: None)
         if outcome.status not in ("succeeded", "stopped"):
             return "failed", f"failed: training run {run_id} {outcome.status}: {outcome.error or 'no detail'}.", run_id
@@ -134,7 +174,7 @@ class NightlyService:
                 s.add(p)
                 s.commit()
         loss = f"{outcome.best_eval_loss:.4f}" if outcome.best_eval_loss is not None else "n/a"
-        head = f"retrained on {len(new)} new examples (run {run_id}, best eval loss {loss}). "
+        head = f"retrained on {n_new} new examples (run {run_id}, best eval loss {loss}). "
         tail = f" New champion: run {run_id}." if promote else f" Champion stays run {project.champion_run_id}."
         return ("promoted" if promote else "kept"), head + text + tail, run_id
 
@@ -176,8 +216,11 @@ class NightlyService:
     # ------------------------------------------------------------------- data
     def _new_examples(self, project_id: int) -> list[Example]:
         with self.db.session() as s:
+            # since the last run that produced a model: a failed run doesn't use up new data
             last = s.exec(
-                select(Run.created_at).where(Run.project_id == project_id).order_by(col(Run.created_at).desc())
+                select(Run.created_at)
+                .where(Run.project_id == project_id, col(Run.status).in_(("succeeded", "stopped")))
+                .order_by(col(Run.created_at).desc())
             ).first()
             q = select(Example).where(Example.project_id == project_id)
             if last is not None:

@@ -7,6 +7,7 @@ missing is left out (None) and the agent explains what to set when a step needs 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ class Wired:
     reaper: Any | None = None
     scheduler: Any | None = None
     trainer: Any | None = None
+    nightly: Any | None = None
     missing: list[str] = field(default_factory=list)
 
     def start_background(self) -> list[str]:
@@ -50,6 +52,9 @@ class Wired:
 
             self.scheduler.start()
             sync_jobs(self.scheduler, self.db, self.settings)
+        if self.nightly is not None:  # nightlies a dead process left half-way
+            threading.Thread(target=self.nightly.recover, name="nightly-recover",
+                             daemon=True).start()
         return list(self.runner.recover())
 
     def close(self) -> None:
@@ -119,7 +124,7 @@ def build(settings: Settings, *, artifacts_dir: Path | None = None) -> Wired:
     services = Services(db=db, training=trainer, missing=missing)
     app = create_app(settings, runner, services, client=client)
 
-    scheduler = None
+    scheduler = nightly = None
     if trainer is not None and judge is not None:
         from agent.nightly import NightlyService
         from jobs.scheduler import build_scheduler
@@ -128,5 +133,6 @@ def build(settings: Settings, *, artifacts_dir: Path | None = None) -> Wired:
         scheduler = build_scheduler(settings, settings.database_url, nightly.run)
         services.scheduler = scheduler
     return Wired(
-        settings, db, app, runner, services, notifier, reaper, scheduler, trainer, missing
+        settings, db, app, runner, services, notifier, reaper, scheduler, trainer, nightly,
+        missing,
     )

@@ -156,6 +156,8 @@ class NightlyRun(SQLModel, table=True):
     project_id: int = Field(foreign_key="project.id", index=True)
     run_date: str  # YYYY-MM-DD
     status: str = "running"  # running|skipped|trained|promoted|kept|failed
+    run_id: int | None = Field(default=None, foreign_key="run.id")  # its training run
+    new_examples: int = 0
     report: str = ""
     created_at: datetime = Field(default_factory=utcnow)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import io
 from pathlib import Path
 from typing import Any
@@ -127,6 +129,14 @@ def test_wiring_builds_with_fakes_and_runs_startup(tmp_path: Path, fakes) -> Non
                          runpod_api_key=runpod.api_key, runpod_api_base_url=runpod.base_url,
                          tuner_reaper_interval_s=3600)
     wired = build(settings, artifacts_dir=tmp_path / "artifacts")
+    from storage.models import NightlyRun, Project
+
+    with wired.db.session() as s:  # a nightly that a killed process left "running"
+        s.add(Project(thread_id="T:C:7", team_id="T", channel_id="C", thread_ts="7",
+                      created_by="U"))
+        s.commit()
+        s.add(NightlyRun(project_id=1, run_date="2026-01-01", status="running"))
+        s.commit()
     try:
         assert wired.services.training is not None and wired.reaper is not None
         assert [m.split()[0] for m in wired.missing] == ["HF_TOKEN"]
@@ -134,6 +144,14 @@ def test_wiring_builds_with_fakes_and_runs_startup(tmp_path: Path, fakes) -> Non
         assert wired.reaper.passes >= 1
         assert any("pods" in q for q in runpod.queries)
         assert wired.scheduler is not None and wired.scheduler.running
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with wired.db.session() as s:
+                if s.get(NightlyRun, 1).status != "running":
+                    break
+            time.sleep(0.1)
+        with wired.db.session() as s:
+            assert s.get(NightlyRun, 1).status == "failed"
     finally:
         wired.close()
 

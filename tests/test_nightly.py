@@ -199,3 +199,41 @@ def test_skipped_while_a_run_is_training(tmp_path, fake_runpod):
     row = svc.run(pid, "2025-05-04")
     assert row.status == "skipped" and "already in progress" in row.report
     assert fake_runpod.pods == {} and notifier.texts("say") == [row.report]
+
+
+def test_restart_finishes_a_nightly_whose_run_was_launched(tmp_path, fake_runpod):
+    """The process died after launching the nightly's run: recover() re-attaches, judges,
+    promotes and reports; a nightly that died before launching is reported as such."""
+    db = Database(f"sqlite:///{tmp_path / 'd.db'}")
+    pid = _seed(db, n_new=4)
+    with FakeAnthropic.running(_judge_prefers_new) as fa:
+        _, svc, notifier = _services(db, tmp_path, fa.base_url, min_new=3)
+        # what a process killed right after trainer.launch() leaves behind
+        dataset_id = svc._nightly_dataset(pid, svc._new_examples(pid))
+        run_id = svc.trainer.launch(pid, dataset_id, user_id="nightly")
+        with db.session() as s:
+            s.add(NightlyRun(project_id=pid, run_date="2025-05-05", status="running",
+                             run_id=run_id, new_examples=4))
+            s.add(NightlyRun(project_id=pid, run_date="2025-05-04", status="running"))
+            s.commit()
+        _, restarted, notifier = _services(db, tmp_path, fa.base_url, min_new=3)
+        assert len(restarted.recover()) == 2
+    with db.session() as s:
+        rows = {r.run_date: r for r in s.exec(select(NightlyRun)).all()}
+        project = s.get(Project, pid)
+    assert rows["2025-05-05"].status == "promoted" and project.champion_run_id == run_id
+    assert rows["2025-05-04"].status == "failed" and "interrupted" in rows["2025-05-04"].report
+    reports = notifier.texts("say")
+    assert len(reports) == 2 and any("retrained on 4 new examples" in r for r in reports)
+    assert fake_runpod.live_pods() == [] and len(fake_runpod.pods) == 1
+    assert restarted.recover() == []  # nothing left running
+
+
+def test_failed_run_does_not_use_up_new_data(tmp_path, fake_runpod):
+    db = Database(f"sqlite:///{tmp_path / 'e.db'}")
+    pid = _seed(db, n_new=4)
+    with db.session() as s:  # a nightly run that failed after the new data arrived
+        s.add(Run(project_id=pid, status="failed"))
+        s.commit()
+    _, svc, _ = _services(db, tmp_path, "http://127.0.0.1:9", min_new=3)
+    assert len(svc._new_examples(pid)) == 4
