@@ -120,10 +120,27 @@ def _money(x: float | None) -> str:
     return "–" if x is None else f"${x:.4f}"
 
 
+def _healthy_deployment(ctx: AgentContext, run_id: int | None) -> Any:
+    from sqlmodel import select
+
+    from storage.models import Deployment
+
+    if run_id is None:
+        return None
+    with ctx.db.session() as s:
+        return s.exec(
+            select(Deployment).where(Deployment.run_id == run_id, Deployment.status == "healthy")
+        ).first()
+
+
 @guarded("deploy", "offer_deploy")
 def deploy(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
     ctx = runtime.context
-    dep = _deployer(ctx).deploy(state["project_id"], state["run_id"])
+    # A step re-run (crash or failed post after a successful deploy) must not create a
+    # second billing endpoint for the same model: reuse the healthy one.
+    dep = _healthy_deployment(ctx, state["run_id"]) or _deployer(ctx).deploy(
+        state["project_id"], state["run_id"]
+    )
     lines = [
         f"Deployed: RunPod serverless endpoint `{dep.endpoint_id}` (model `{dep.model_ref}`).",
         f"Cost per 1k requests: {_money(dep.cost_per_1k_usd)} vs "

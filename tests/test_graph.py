@@ -488,6 +488,42 @@ def test_deploy_and_undeploy_through_serverless_fake(
             assert s.exec(select(Deployment)).one().status == "removed"
 
 
+def test_deploy_step_rerun_reuses_the_healthy_endpoint(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deploy succeeded but posting about it failed (or the bot died): clicking
+    Deploy again must not start a second billing endpoint."""
+    with FakeServerless.running(api_key="rp-key") as rp:
+        monkeypatch.setenv("RUNPOD_API_BASE_URL", rp.base_url)
+        monkeypatch.setenv("RUNPOD_ENDPOINT_BASE_URL", rp.endpoint_base_url)
+        settings = env.settings.model_copy(update={
+            "runpod_api_key": SecretStr("rp-key"), "runpod_api_base_url": rp.base_url,
+            "runpod_endpoint_base_url": rp.endpoint_base_url, "tuner_hf_namespace": "acme"})
+        env.runner.ctx.deployer = DeployService(env.db, settings, ServerlessClient(settings),
+                                                poll_s=0.0)
+        env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1", text="triage")
+        assert env.runner.import_file(TID, "U1", "tickets.jsonl", JSONL.encode())
+        assert env.runner.resume(TID, env.only_pending("launch"), {"action": "launch", "user": "UADMIN"})
+        real_say = env.notifier.say
+        failed: list[str] = []
+
+        def flaky_say(thread_id: str, text: str) -> None:
+            if text.startswith("Deployed:") and not failed:
+                failed.append(text)
+                raise ConnectionError("slack unreachable")
+            real_say(thread_id, text)
+
+        monkeypatch.setattr(env.notifier, "say", flaky_say)
+        assert env.runner.resume(TID, env.only_pending("deploy"), {"action": "deploy", "user": "UADMIN"})
+        assert failed and "Deploying failed" in env.notifier.texts("error")[-1]
+        first = list(rp.live_endpoints)
+        assert env.runner.resume(TID, env.only_pending("deploy"), {"action": "deploy", "user": "UADMIN"})
+        env.only_pending("deployed")
+        assert rp.live_endpoints == first and len(first) == 1
+        with env.db.session() as s:
+            assert len(s.exec(select(Deployment)).all()) == 1
+
+
 def test_reimporting_an_overlapping_file_keeps_the_whole_dataset(env: Env) -> None:
     env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1", text="triage")
     assert env.runner.import_file(TID, "U1", "tickets.jsonl", JSONL.encode())
