@@ -383,7 +383,8 @@ class Handlers:
         token = self.settings.slack_bot_token
         headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
         req = urllib.request.Request(url, headers=headers)
-        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 (host checked)
+        opener = urllib.request.build_opener(_TokenSafeRedirect(trusted))
+        with opener.open(req, timeout=30) as resp:  # noqa: S310 (host checked)
             data = resp.read(MAX_IMPORT_BYTES + 1)
         if len(data) > MAX_IMPORT_BYTES:
             raise ValueError("file too large")
@@ -444,3 +445,16 @@ class Handlers:
                                       thread_ts=thread_ts or None)
         except SlackApiError as e:
             log.warning("chat.postEphemeral failed: %s", e.response.get("error"))
+
+
+class _TokenSafeRedirect(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, but the bot token only ever goes to trusted Slack hosts."""
+
+    def __init__(self, trusted: set[str | None]) -> None:
+        self.trusted = trusted
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urlparse(newurl).hostname not in self.trusted:
+            new.remove_header("Authorization")
+        return new
