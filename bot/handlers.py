@@ -345,9 +345,11 @@ class Handlers:
         channel: str, user: str, message: dict | None,
     ) -> None:
         _, _, thread_ts = (thread_id.split(":", 2) + ["", ""])[:3]
-        if not self.runner.resume(thread_id, interrupt_id, value):
+        if not self._is_pending(thread_id, interrupt_id):
             self._ephemeral(client, channel, user, thread_ts or None, ALREADY_HANDLED)
             return
+        # Close the card first: the step behind it (a training run) may take hours, and
+        # clicks on the thread are handled one at a time, so nothing resumes it meanwhile.
         if message and message.get("ts"):
             label = _DONE_LABEL.get(value["action"], "Done")
             kept = [{k: v for k, v in b.items() if k != "accessory"}  # per-sample [Edit]
@@ -359,6 +361,8 @@ class Handlers:
                                    text=message.get("text") or label, blocks=kept)
             except SlackApiError as e:
                 log.warning("chat.update failed: %s", e.response.get("error"))
+        if not self.runner.resume(thread_id, interrupt_id, value):
+            self._ephemeral(client, channel, user, thread_ts or None, ALREADY_HANDLED)
 
     def _import(self, client: WebClient, thread_id: str, user: str, f: dict) -> None:
         name = f.get("name") or "upload.jsonl"

@@ -37,6 +37,7 @@ class ScriptedRunner:
     interrupts: dict[str, list[str]] = field(default_factory=dict)
     payloads: dict[str, dict[str, Any]] = field(default_factory=dict)  # interrupt id -> payload
     block: threading.Event | None = None
+    resume_block: threading.Event | None = None
 
     def start(self, *, team: str, channel: str, thread_ts: str, user: str, text: str) -> None:
         tid = f"{team}:{channel}:{thread_ts}"
@@ -55,6 +56,8 @@ class ScriptedRunner:
 
     def resume(self, thread_id: str, interrupt_id: str, value: dict[str, Any]) -> bool:
         self.calls.append(("resume", (thread_id, interrupt_id, value)))
+        if self.resume_block is not None:  # a long step (training) behind the click
+            self.resume_block.wait(10)
         pending = self.interrupts.get(thread_id, [])
         if interrupt_id not in pending:
             return False
@@ -248,13 +251,37 @@ def test_double_click_resumes_once(make_bot) -> None:
     assert bot.post(click, kind="interactive").status == 200
     bot.idle()
     resumes = bot.runner.of("resume")
-    assert resumes[0] == (tid, "int-1", {"action": "approve", "user": "U1"})
-    assert len(resumes) == 2 and bot.runner.interrupts[tid] == []
+    assert resumes == [(tid, "int-1", {"action": "approve", "user": "U1"})]
+    assert bot.runner.interrupts[tid] == []
     assert [e["text"] for e in bot.fake.ephemerals] == [ALREADY_HANDLED]
     # the card lost its buttons and says who approved it
     updated = bot.fake.wait_for(lambda: card.get("edits") and card)
     assert all(b["type"] != "actions" for b in updated["blocks"])
     assert "Approved by <@U1>" in json.dumps(updated["blocks"])
+
+
+def test_launch_card_is_closed_while_training_runs(make_bot) -> None:
+    bot = make_bot()
+    tid = f"{TEAM_ID}:{CH}:520.000001"
+    bot.runner.interrupts[tid] = ["int-L"]
+    bot.runner.resume_block = threading.Event()
+    card = bot.fake._m_chat_postMessage(
+        {"channel": CH, "thread_ts": "520.000001", "text": "launch?",
+         "blocks": [{"type": "actions", "elements": [
+             {"type": "button", "action_id": B.LAUNCH, "text": {"type": "plain_text",
+              "text": "Launch"}, "value": B.encode_value("int-L", tid)}]}]})["message"]
+    click = block_action(B.LAUNCH, B.encode_value("int-L", tid), user="U1", channel=CH,
+                         message=card)
+    try:
+        assert bot.post(click, kind="interactive").status == 200
+        updated = bot.fake.wait_for(lambda: card.get("edits") and card)
+        bot.fake.wait_for(lambda: bot.runner.of("resume"))
+        assert not bot.runner.resume_block.is_set()  # the "training" is still running
+        assert all(b["type"] != "actions" for b in updated["blocks"])
+        assert "Launched by <@U1>" in json.dumps(updated["blocks"])
+    finally:
+        bot.runner.resume_block.set()
+    bot.idle()
 
 
 def test_unauthorised_launch_is_refused(make_bot) -> None:
@@ -365,7 +392,7 @@ def test_edit_button_opens_prefilled_modal_and_submission_resumes(make_bot) -> N
     bot.post(_edit_submission(view, "U1", "again", "again"), kind="interactive")
     eph = bot.fake.wait_for(lambda: bot.fake.ephemerals)
     assert eph[0]["text"] == ALREADY_HANDLED and eph[0]["thread_ts"] == "730.000001"
-    assert len(bot.runner.of("resume")) == 2 and bot.runner.interrupts[tid] == []
+    assert len(bot.runner.of("resume")) == 1 and bot.runner.interrupts[tid] == []
 
 
 def test_edit_button_on_stale_card_does_not_open_modal(make_bot) -> None:
