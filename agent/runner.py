@@ -152,6 +152,9 @@ class AgentRunner:
             state = self._state(tid)
             if state.next and not state.interrupts:
                 stuck.append(tid)
+            for intr in state.interrupts:  # died after the step, before its card was posted
+                if not self.ctx.db.is_claimed(f"ask:{intr.id}"):
+                    self._ask(tid, intr)
         for tid in stuck:
             if wait:
                 self._recover_one(tid)
@@ -278,7 +281,12 @@ class AgentRunner:
             self.ctx.notifier.error(tid, f"Something went wrong: {human_error(exc)}")
         for intr in self._interrupts(tid):
             if intr.id not in before:
-                self.ctx.notifier.ask(tid, intr.id, intr.value)
+                self._ask(tid, intr)
+
+    def _ask(self, tid: str, intr: Interrupt) -> None:
+        """Post the card for an interrupt, then remember it was posted (see recover())."""
+        self.ctx.notifier.ask(tid, intr.id, intr.value)
+        self.ctx.db.claim(f"ask:{intr.id}")
 
     def _lock(self, tid: str) -> threading.Lock:
         with self._locks_guard:

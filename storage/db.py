@@ -42,6 +42,12 @@ class Database:
                 return False
         return True
 
+    def is_claimed(self, key: str) -> bool:
+        from storage.models import SlackEventClaim
+
+        with self.session() as s:
+            return s.get(SlackEventClaim, key) is not None
+
     @property
     def sqlite_path(self) -> str | None:
         if not self.url.startswith("sqlite"):

@@ -146,3 +146,30 @@ def test_import_when_nothing_waits_adds_examples_for_next_retrain(env: Env) -> N
     assert env.runner.import_file(TID, "U1", "bad.jsonl", b"{not json\n")
     assert "Couldn't import bad.jsonl" in env.notifier.texts("error")[-1]
     assert not env.runner.import_file("T1:C9:1.1", "U1", "x.jsonl", body)  # no project
+
+
+def test_card_lost_in_a_crash_is_posted_on_recover(env: Env) -> None:
+    """The process died after the graph stopped at a question but before posting it."""
+    real_ask = env.notifier.ask
+
+    def dying_ask(thread_id: str, interrupt_id: str, payload: dict) -> None:
+        raise SystemExit("killed before posting")
+
+    env.notifier.ask = dying_ask  # type: ignore[method-assign]
+    try:
+        env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1", text="triage")
+    except SystemExit:
+        pass
+    env.notifier.ask = real_ask  # type: ignore[method-assign]
+    [(iid, payload)] = env.runner.pending(TID)
+    assert env.notifier.texts("ask") == []
+    env.runner.close()
+
+    notifier = RecordingNotifier()
+    runner = make_runner(env.settings, notifier, env.trainer)
+    try:
+        assert runner.recover(wait=True) == []
+        assert notifier.texts("ask") == [(iid, payload)]
+        assert runner.recover(wait=True) == [] and len(notifier.texts("ask")) == 1  # once
+    finally:
+        runner.close()
