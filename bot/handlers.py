@@ -8,6 +8,7 @@ import re
 import threading
 import urllib.request
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
@@ -91,6 +92,7 @@ _DONE_LABEL = {
 _NEEDS_AUTH = {B.LAUNCH, B.DEPLOY, B.UNDEPLOY, B.STOP_RUN}
 _MODAL = {B.SPEC_CHANGE: ("change", "Change the spec"),
           B.SAMPLES_REGENERATE: ("regenerate", "Regenerate samples")}
+OVERLOADED = "I'm overloaded right now and couldn't take that; please try again in a minute."
 ALREADY_HANDLED = "That was already handled (or is out of date)."
 NOT_AUTHORISED = "Sorry, you are not authorised to do that. Ask an admin to add you to TUNER_ALLOWED_USERS."
 
@@ -162,20 +164,22 @@ class Handlers:
                 # runner.import_file waits briefly for the thread, else keeps the data for
                 # the next retrain
                 for f in files:
-                    self.worker.submit(f"{thread_id}#import", self._import, client, thread_id,
-                                       user, f)
+                    self._queue((client, channel, user, thread_ts), f"{thread_id}#import",
+                                self._import, client, thread_id, user, f)
             if mentioned:  # a reply while it runs; starts over once the project finished
-                self.worker.submit(thread_id, self.runner.start, team=team, channel=channel,
-                                   thread_ts=thread_ts, user=user, text=text)
+                self._queue((client, channel, user, thread_ts), thread_id, self.runner.start,
+                            team=team, channel=channel, thread_ts=thread_ts, user=user,
+                            text=text)
             elif text:
-                self.worker.submit(thread_id, self.runner.reply, thread_id, user, text)
+                self._queue((client, channel, user, thread_ts), thread_id, self.runner.reply,
+                            thread_id, user, text)
             return
         root = thread_ts or ts
         new_id = f"{team}:{channel}:{root}"
         with self._started_lock:
             self._started.add(new_id)
-        self.worker.submit(new_id, self.runner.start, team=team, channel=channel,
-                           thread_ts=root, user=user, text=text)
+        self._queue((client, channel, user, root), new_id, self.runner.start, team=team,
+                    channel=channel, thread_ts=root, user=user, text=text)
 
     def on_home_opened(self, event: dict, client: WebClient) -> None:
         if event.get("tab", "home") != "home":
@@ -210,8 +214,8 @@ class Handlers:
             return
         value: dict[str, Any] = {"action": _RESUME_ACTION[action_id], "user": user}
         message = body.get("message") or {}
-        self.worker.submit(thread_id, self._resume, client, thread_id, interrupt_id, value,
-                           channel, user, message)
+        self._queue((client, channel, user, thread_ts), thread_id, self._resume, client,
+                    thread_id, interrupt_id, value, channel, user, message)
 
     def on_sample_edit(self, ack: Ack, body: dict, action: dict, client: WebClient) -> None:
         """[Edit] on one sample: open a modal prefilled from the pending interrupt's payload."""
@@ -280,8 +284,9 @@ class Handlers:
         user = body["user"]["id"]
         channel = thread_id.split(":")[1]
         value = {"action": kind, "text": text.strip(), "user": user}
-        self.worker.submit(thread_id, self._resume, client, thread_id, interrupt_id, value,
-                           channel, user, None)
+        thread_ts = thread_id.split(":", 2)[2] or None
+        self._queue((client, channel, user, thread_ts), thread_id, self._resume, client,
+                    thread_id, interrupt_id, value, channel, user, None)
 
     def on_edit_submit(self, ack: Ack, body: dict, view: dict, client: WebClient) -> None:
         values = view.get("state", {}).get("values", {})
@@ -305,8 +310,9 @@ class Handlers:
         channel = thread_id.split(":")[1]
         value = {"action": "edit", "index": index, "prompt": prompt, "response": response,
                  "user": user}
-        self.worker.submit(thread_id, self._resume, client, thread_id, interrupt_id, value,
-                           channel, user, None)
+        thread_ts = thread_id.split(":", 2)[2] or None
+        self._queue((client, channel, user, thread_ts), thread_id, self._resume, client,
+                    thread_id, interrupt_id, value, channel, user, None)
 
     # ------------------------------------------------------------------ /tuner
     def on_command(self, ack: Ack, command: dict) -> None:
@@ -401,6 +407,15 @@ class Handlers:
             log.warning("views.publish failed: %s", e.response.get("error"))
 
     # ------------------------------------------------------------------ helpers
+    def _queue(self, notice: tuple[WebClient, str, str, str | None], key: str,
+               fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Hand work to the thread's queue; if the bot is saturated, say so instead of
+        dropping it silently. `notice` = (client, channel, user, thread_ts)."""
+        if not self.worker.submit(key, fn, *args, **kwargs):
+            client, channel, user, thread_ts = notice
+            log.warning("worker saturated; refused work for %s", key)
+            self._ephemeral(client, channel, user, thread_ts, OVERLOADED)
+
     def _claim(self, body: dict, channel: str, ts: str) -> bool:
         event_id = body.get("event_id")
         if event_id and not self.db.claim(f"evt:{event_id}"):

@@ -118,12 +118,12 @@ def make_settings(fake: FakeSlack, tmp_path: Any, **kw: Any) -> Settings:
 def make_bot(tmp_path: Any):
     started: list[Any] = []
 
-    def factory(scheduler: Any = None, **settings_kw: Any) -> Bot:
+    def factory(scheduler: Any = None, max_queued: int = 1000, **settings_kw: Any) -> Bot:
         fake = FakeSlack().start()
         settings = make_settings(fake, tmp_path, **settings_kw)
         db = Database(settings.database_url)
         runner = ScriptedRunner(db)
-        worker = ThreadWorker(max_workers=4)
+        worker = ThreadWorker(max_workers=4, max_queued=max_queued)
         training = StopRecorder()
         app = create_app(settings, runner, Services(db=db, training=training, worker=worker,
                                                     scheduler=scheduler))
@@ -611,3 +611,20 @@ def test_reply_also_sent_to_channel_is_still_an_answer(make_bot) -> None:
                            thread_ts="990.000001", subtype="thread_broadcast"))
     bot.idle()
     assert bot.runner.of("reply") == [(f"{TEAM_ID}:{CH}:990.000001", "U1", "labels: bug, billing")]
+
+
+def test_saturated_worker_tells_the_user_instead_of_dropping(make_bot) -> None:
+    from bot.handlers import OVERLOADED
+
+    bot = make_bot(max_queued=1)
+    bot.runner.start(team=TEAM_ID, channel=CH, thread_ts="540.000001", user="U1", text="x")
+    bot.runner.block = threading.Event()  # the first reply occupies the only queue slot
+    try:
+        bot.post(message_event("U1", CH, "540.000002", "first", thread_ts="540.000001"))
+        bot.post(message_event("U1", CH, "540.000003", "second", thread_ts="540.000001"))
+        eph = bot.fake.wait_for(lambda: bot.fake.ephemerals)
+        assert eph[0]["text"] == OVERLOADED and eph[0]["user"] == "U1"
+    finally:
+        bot.runner.block.set()
+    bot.idle()
+    assert [c[1][2] for c in bot.runner.calls if c[0] == "reply"] == ["first"]
