@@ -451,17 +451,22 @@ def test_mention_after_skip_starts_over_in_the_same_thread(env: Env) -> None:
         assert len(s.exec(select(Project)).all()) == 1
 
 
+def _use_serverless(env: Env, rp: FakeServerless, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the runner's deployer (real DeployService + SDK) at the serverless fake."""
+    monkeypatch.setenv("RUNPOD_API_BASE_URL", rp.base_url)
+    monkeypatch.setenv("RUNPOD_ENDPOINT_BASE_URL", rp.endpoint_base_url)
+    settings = env.settings.model_copy(update={
+        "runpod_api_key": SecretStr("rp-key"), "runpod_api_base_url": rp.base_url,
+        "runpod_endpoint_base_url": rp.endpoint_base_url, "tuner_hf_namespace": "acme"})
+    env.runner.ctx.deployer = DeployService(env.db, settings, ServerlessClient(settings),
+                                            poll_s=0.0)
+
+
 def test_deploy_and_undeploy_through_serverless_fake(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with FakeServerless.running(api_key="rp-key") as rp:
-        monkeypatch.setenv("RUNPOD_API_BASE_URL", rp.base_url)
-        monkeypatch.setenv("RUNPOD_ENDPOINT_BASE_URL", rp.endpoint_base_url)
-        settings = env.settings.model_copy(update={
-            "runpod_api_key": SecretStr("rp-key"), "runpod_api_base_url": rp.base_url,
-            "runpod_endpoint_base_url": rp.endpoint_base_url, "tuner_hf_namespace": "acme"})
-        env.runner.ctx.deployer = DeployService(env.db, settings, ServerlessClient(settings),
-                                                poll_s=0.0)
+        _use_serverless(env, rp, monkeypatch)
         env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1", text="triage")
         assert env.runner.import_file(TID, "U1", "tickets.jsonl", JSONL.encode())
         iid = env.only_pending("launch")
@@ -494,13 +499,7 @@ def test_deploy_step_rerun_reuses_the_healthy_endpoint(
     """The deploy succeeded but posting about it failed (or the bot died): clicking
     Deploy again must not start a second billing endpoint."""
     with FakeServerless.running(api_key="rp-key") as rp:
-        monkeypatch.setenv("RUNPOD_API_BASE_URL", rp.base_url)
-        monkeypatch.setenv("RUNPOD_ENDPOINT_BASE_URL", rp.endpoint_base_url)
-        settings = env.settings.model_copy(update={
-            "runpod_api_key": SecretStr("rp-key"), "runpod_api_base_url": rp.base_url,
-            "runpod_endpoint_base_url": rp.endpoint_base_url, "tuner_hf_namespace": "acme"})
-        env.runner.ctx.deployer = DeployService(env.db, settings, ServerlessClient(settings),
-                                                poll_s=0.0)
+        _use_serverless(env, rp, monkeypatch)
         env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1", text="triage")
         assert env.runner.import_file(TID, "U1", "tickets.jsonl", JSONL.encode())
         assert env.runner.resume(TID, env.only_pending("launch"), {"action": "launch", "user": "UADMIN"})
