@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     from storage.redact import install_log_redaction
 
     install_log_redaction(settings)
+    for noisy in ("httpx", "httpcore", "urllib3"):  # one line per pod poll otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.cmd == "doctor":
         return doctor(settings)
     if args.cmd == "projects":
