@@ -237,3 +237,43 @@ def test_failed_run_does_not_use_up_new_data(tmp_path, fake_runpod):
         s.commit()
     _, svc, _ = _services(db, tmp_path, "http://127.0.0.1:9", min_new=3)
     assert len(svc._new_examples(pid)) == 4
+
+
+def test_cron_fires_when_the_clock_reaches_the_nightly_hour(tmp_path, fake_runpod, monkeypatch):
+    """No job is poked: the scheduler's own clock moves from 02:59 to 03:00 UTC and the
+    cron trigger fires the project's nightly, which reports for that date."""
+    import apscheduler.schedulers.base as aps_base
+
+    day = (datetime.now(timezone.utc) + timedelta(days=2)).date()  # future: never a misfire
+    clock = [datetime(day.year, day.month, day.day, 2, 59, 0, tzinfo=timezone.utc)]
+
+    class _Clock(datetime):
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[override]
+            return clock[0].astimezone(tz) if tz else clock[0].replace(tzinfo=None)
+
+    monkeypatch.setattr(aps_base, "datetime", _Clock)
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    db = Database(url)
+    pid = _seed(db, n_new=0)
+    settings, svc, notifier = _services(db, tmp_path, "http://127.0.0.1:9", min_new=3)
+    scheduler = sched.build_scheduler(settings, url, svc.run)
+    sched.register_runner(svc.run, clock=lambda: clock[0])
+    scheduler.start()
+    try:
+        sched.sync_jobs(scheduler, db, settings)
+        job = scheduler.get_job(f"nightly:{pid}")
+        assert job.next_run_time.astimezone(timezone.utc) == clock[0].replace(hour=3, minute=0)
+        scheduler.wakeup()
+        time.sleep(0.5)
+        assert notifier.texts("say") == []  # 02:59: nothing yet
+        clock[0] = clock[0].replace(hour=3, minute=0, second=1)
+        scheduler.wakeup()
+        _wait(lambda: notifier.texts("say"))
+    finally:
+        scheduler.shutdown(wait=True)
+        sched.register_runner(None, clock=lambda: datetime.now(timezone.utc))
+    with db.session() as s:
+        rows = s.exec(select(NightlyRun)).all()
+    assert [(r.run_date, r.status) for r in rows] == [(day.isoformat(), "skipped")]
+    assert "skipped: no new data" in notifier.texts("say")[0]
