@@ -148,3 +148,25 @@ def test_wilson_edges():
     assert wilson(0, 0) == (0.0, 1.0)
     with pytest.raises(ValueError):
         wilson(3, 2)
+
+
+def test_judge_report_posted_in_thread_has_all_parts(db):
+    """The thread report: win rate + 95% CI, tie rate, eval loss, verdict vs the configurable
+    threshold, and 3 side-by-side examples."""
+    from agent.nodes_ship import judge_text
+
+    run_id, gens, prompts = _seed(db)
+    with FakeAnthropic.running(responder) as fake:
+        result = _service(fake, db).judge_run(run_id, gens)
+    lo, hi = wilson(2, 6)
+    text = judge_text(result, 0.5, 0.6123)
+    assert f"win rate 33% (95% CI {lo:.0%}–{hi:.0%})" in text
+    assert "tie rate 50%" in text and "best eval loss 0.6123" in text
+    assert "Verdict: good enough to deploy." in text and "vs threshold 0.50" in text
+    assert text.count("*Example ") == 3
+    for d in side_by_side(result):
+        assert f"> prompt: {d['prompt']}" in text and f"> fine-tuned: {d['candidate']}" in text
+        assert f"> reference: {d['reference']}" in text
+    strict = judge_text(result, 0.6, None)
+    assert "Verdict: not good enough yet." in strict and "vs threshold 0.60" in strict
+    assert "best eval loss –" in strict
