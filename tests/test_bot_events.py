@@ -236,6 +236,7 @@ def test_ask_renders_cards_with_interrupt_id(fake: FakeSlack, db: Database,
     text = json.dumps(blocks)
     if payload["kind"] == "launch":
         assert "900 train" in text and "$0.29/h" in text and "$1.00 spent of $50.00" in text
+        assert "NVIDIA RTX A5000 (SECURE)" in text and "~30 min, ~$0.15" in text and "live price" in text
     if payload["kind"] == "question":
         assert msg["text"] == "What inputs does it get?"
     if payload["kind"] == "samples":
