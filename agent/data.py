@@ -464,6 +464,18 @@ def _raise_errors(filename: str, errors: list[str]) -> None:
         )
 
 
+_CORRECTION = re.compile(r"^\s*correction\s*:\s*(?P<prompt>.+?)\s*=>\s*(?P<response>.+?)\s*$",
+                         re.IGNORECASE | re.DOTALL)
+
+
+def parse_correction(text: str) -> ExamplePair | None:
+    """An in-thread correction `correction: <input> => <the output it should give>`, else None."""
+    m = _CORRECTION.match(text or "")
+    if m is None:
+        return None
+    return ExamplePair(prompt=m.group("prompt"), response=m.group("response"))
+
+
 def parse_import(filename: str, content: bytes) -> list[ExamplePair]:
     """Examples from an uploaded JSONL or CSV file; ValueError lists bad rows by line."""
     try:

@@ -101,7 +101,13 @@ class AgentRunner:
             self._invoke(tid, first)
 
     def reply(self, thread_id: str, user: str, text: str) -> bool:
-        """A plain thread message: answers a question / requests a change / gives feedback."""
+        """A plain thread message: answers a question / requests a change / gives feedback.
+
+        `correction: <input> => <output>` in a project thread is stored at once (no thread
+        lock: a training run may hold it for hours) as a training example for the next retrain.
+        """
+        if self._add_correction(thread_id, _MENTION.sub("", text).strip()):
+            return True
         with self._locked(thread_id) as ok:
             return ok and self._reply_locked(thread_id, user, _MENTION.sub("", text).strip())
 
@@ -214,6 +220,28 @@ class AgentRunner:
             f"({len(pairs) - ds.n_train} duplicates, invalid or already known). They are used "
             f"by the next retrain (`/tuner nightly on {project_id}` retrains nightly).",
         )
+        return True
+
+    def _add_correction(self, tid: str, text: str) -> bool:
+        from agent.data import parse_correction, store_dataset, validate
+
+        pair = parse_correction(text)
+        project_id = self._project_id(tid) if pair is not None else None
+        if pair is None or project_id is None:
+            return False
+        valid, invalid = validate([pair], DEFAULT_MAX_TOKENS)
+        if invalid:
+            self.ctx.notifier.error(tid, f"Correction not stored: {invalid[0][1]}.")
+            return True
+        ds = store_dataset(self.ctx.db, project_id, {"train": valid}, "correction", project_id)
+        if ds.n_train:
+            self.ctx.notifier.say(
+                tid,
+                "Correction stored as a training example for the next retrain "
+                f"(`/tuner nightly on {project_id}` retrains nightly).",
+            )
+        else:
+            self.ctx.notifier.say(tid, "That example is already in the project's data.")
         return True
 
     def _recover_one(self, tid: str) -> None:

@@ -173,3 +173,32 @@ def test_card_lost_in_a_crash_is_posted_on_recover(env: Env) -> None:
         assert runner.recover(wait=True) == [] and len(notifier.texts("ask")) == 1  # once
     finally:
         runner.close()
+
+
+def test_in_thread_correction_is_stored_for_the_next_retrain(env: Env) -> None:
+    from storage.models import Example, Project
+
+    with env.db.session() as s:
+        s.add(Project(thread_id=TID, team_id="T1", channel_id="C1", thread_ts="100.1",
+                      created_by="U1"))
+        s.commit()
+    lock = env.runner._lock(TID)
+    lock.acquire()  # a training run holds the thread: corrections must not wait for it
+    try:
+        assert env.runner.reply(TID, "U1", "<@UBOT> Correction: Ticket 7: card declined twice\n"
+                                           "=> billing")
+    finally:
+        lock.release()
+    with env.db.session() as s:
+        (ex,) = s.exec(select(Example).where(Example.source == "correction")).all()
+    assert (ex.prompt, ex.response, ex.split) == ("Ticket 7: card declined twice", "billing", "train")
+    assert "Correction stored" in env.notifier.texts("say")[-1]
+    assert env.runner.reply(TID, "U1", "correction: Ticket 7: card declined twice => billing")
+    assert "already in the project" in env.notifier.texts("say")[-1]
+    assert env.runner.reply(TID, "U1", "correction: Ticket 8 => " + "word " * 5000)
+    assert "Correction not stored" in env.notifier.texts("error")[-1]
+    # not a correction (no arrow), nothing waits: not consumed; no project: not consumed
+    assert env.runner.reply(TID, "U1", "correction: it should say billing") is False
+    assert env.runner.reply("T1:C9:1.1", "U1", "correction: a => b") is False
+    with env.db.session() as s:
+        assert len(s.exec(select(Example)).all()) == 1
