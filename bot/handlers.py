@@ -17,6 +17,7 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from sqlmodel import select
 
+from agent.data import parse_correction
 from bot import blocks as B
 from bot.home import HELP_TEXT, home_view, status_text
 from storage.redact import redact
@@ -171,7 +172,9 @@ class Handlers:
                             team=team, channel=channel, thread_ts=thread_ts, user=user,
                             text=text)
             elif text:
-                self._queue((client, channel, user, thread_ts), thread_id, self.runner.reply,
+                # a correction is just stored: it must not wait behind a training run
+                key = thread_id if parse_correction(text) is None else f"{thread_id}#import"
+                self._queue((client, channel, user, thread_ts), key, self.runner.reply,
                             thread_id, user, text)
             return
         root = thread_ts or ts

@@ -628,3 +628,25 @@ def test_saturated_worker_tells_the_user_instead_of_dropping(make_bot) -> None:
         bot.runner.block.set()
     bot.idle()
     assert [c[1][2] for c in bot.runner.calls if c[0] == "reply"] == ["first"]
+
+
+def test_correction_is_not_queued_behind_a_busy_thread(make_bot) -> None:
+    bot = make_bot()
+    tid = f"{TEAM_ID}:{CH}:550.000001"
+    bot.runner.start(team=TEAM_ID, channel=CH, thread_ts="550.000001", user="U1", text="x")
+    bot.runner.interrupts[tid] = ["int-T"]
+    bot.runner.resume_block = threading.Event()  # the Launch click "trains" for a while
+    try:
+        bot.post(block_action(B.LAUNCH, B.encode_value("int-T", tid), user="U1", channel=CH))
+        bot.fake.wait_for(lambda: bot.runner.of("resume"))
+        bot.post(message_event("U1", CH, "550.000002", "correction: 2+2 => 4",
+                               thread_ts="550.000001"))
+        bot.post(message_event("U1", CH, "550.000003", "just chatting",
+                               thread_ts="550.000001"))
+        bot.fake.wait_for(lambda: bot.runner.of("reply"))
+        time.sleep(0.3)
+        assert bot.runner.of("reply") == [(tid, "U1", "correction: 2+2 => 4")]  # chat waits
+    finally:
+        bot.runner.resume_block.set()
+    bot.idle()
+    assert [r[2] for r in bot.runner.of("reply")] == ["correction: 2+2 => 4", "just chatting"]
