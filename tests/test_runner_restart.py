@@ -116,13 +116,20 @@ def test_process_killed_during_generation_is_recovered(env: Env) -> None:
         runner.close()
 
 
-def test_import_when_nothing_waits_adds_examples_for_next_retrain(env: Env) -> None:
-    from storage.models import Example, Project
+def _add_project(env: Env) -> None:
+    """A project for TID whose graph has nothing pending (finished, or never started)."""
+    from storage.models import Project
 
     with env.db.session() as s:
         s.add(Project(thread_id=TID, team_id="T1", channel_id="C1", thread_ts="100.1",
                       created_by="U1"))
         s.commit()
+
+
+def test_import_when_nothing_waits_adds_examples_for_next_retrain(env: Env) -> None:
+    from storage.models import Example
+
+    _add_project(env)
     rows = [{"prompt": f"ticket {i} about {w}", "response": f"label {w}"}
             for i, w in enumerate(["billing", "bug", "login", "refund"])]
     body = ("\n".join(json.dumps(r) for r in rows + rows[:1]) + "\n").encode()
@@ -176,12 +183,9 @@ def test_card_lost_in_a_crash_is_posted_on_recover(env: Env) -> None:
 
 
 def test_in_thread_correction_is_stored_for_the_next_retrain(env: Env) -> None:
-    from storage.models import Example, Project
+    from storage.models import Example
 
-    with env.db.session() as s:
-        s.add(Project(thread_id=TID, team_id="T1", channel_id="C1", thread_ts="100.1",
-                      created_by="U1"))
-        s.commit()
+    _add_project(env)
     lock = env.runner._lock(TID)
     lock.acquire()  # a training run holds the thread: corrections must not wait for it
     try:
