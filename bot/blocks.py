@@ -14,7 +14,14 @@ from typing import Any
 from agent.ports import Action
 from bot import limits as L
 from bot.layout import (
-    Attachment, Card, Message, code_sections, pack, section, sections, single,
+    Attachment,
+    Card,
+    Message,
+    code_sections,
+    pack,
+    section,
+    sections,
+    single,
 )
 
 # action ids (handlers.py listens to exactly these)

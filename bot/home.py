@@ -63,7 +63,8 @@ def status_text(db: Database) -> str:
 
 
 def home_view(db: Database) -> dict:
-    status, size = [], 0
+    status: list[dict] = []
+    size = 0
     for block in sections(status_text(db)):
         size += len(json.dumps(block))
         if len(status) == HOME_STATUS_SECTIONS - 1 or size > HOME_STATUS_BYTES:

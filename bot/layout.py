@@ -57,7 +57,8 @@ def code_sections(escaped: str, title: str = "") -> list[dict[str, Any]]:
 
 
 def fallback(text: str) -> str:
-    return L.clip(" ".join(text.split()) or "-", L.FALLBACK_MAX)
+    """A message's `text` (notifications, screen readers): short enough for any method."""
+    return L.clip(text.strip() or "-", L.FALLBACK_MAX)
 
 
 def _fits(blocks: list[dict[str, Any]], tail: list[dict[str, Any]]) -> bool:
@@ -149,8 +150,8 @@ def text_chunks(text: str, most: int = 10) -> tuple[list[str], bool]:
     if len(chunks) <= most:
         return chunks, False
     rest = sum(L.slack_len(c) for c in chunks[most - 1:])
-    return chunks[:most - 1] + [f"… ({rest} more characters: the full text is in "
-                                f"{OVERFLOW_FILE}, attached here)"], True
+    note = f"… ({rest} more characters: the full text is in {OVERFLOW_FILE}, attached here)"
+    return [*chunks[:most - 1], note], True
 
 
 OVERFLOW_FILE = "message.txt"

@@ -62,7 +62,6 @@ class SlackNotifier:
     def progress(
         self, thread_id: str, key: str, text: str, actions: list[Action] | None = None
     ) -> None:
-        _, channel, ts = split_thread_id(thread_id)
         msg = B.progress_message(text, list(actions or []))
         with self._lock_for(thread_id, key):
             ref = self._ref(thread_id, key)
@@ -115,7 +114,7 @@ class SlackNotifier:
     def post_message(self, thread_id: str, msg: Message) -> Any:
         """Post one message in the thread; None (logged) when Slack would not take it."""
         _, channel, ts = split_thread_id(thread_id)
-        kwargs: dict[str, Any] = dict(channel=channel)
+        kwargs: dict[str, Any] = {"channel": channel}
         if ts:
             kwargs["thread_ts"] = ts
         try:

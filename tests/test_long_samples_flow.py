@@ -26,7 +26,13 @@ from storage.db import Database
 from storage.settings import Settings
 from tests.fakes.anthropic_fake import API_KEY, FakeAnthropic
 from tests.fakes.slack_fake import (
-    BOT_TOKEN, SIGNING_SECRET, TEAM_ID, FakeSlack, block_action, mention_pair, message_event,
+    BOT_TOKEN,
+    SIGNING_SECRET,
+    TEAM_ID,
+    FakeSlack,
+    block_action,
+    mention_pair,
+    message_event,
     post_signed,
 )
 from tests.test_graph import ScriptedClaude

@@ -330,7 +330,7 @@ def test_worst_case_cards_can_be_clicked_and_closed(make_bot: Any, case: str) ->
                   if e["action_id"] == primary[payload["kind"]]]
         bot.post(block_action(btn["action_id"], btn["value"], user="U1", channel=CH,
                               message=last), kind="interactive")
-        bot.fake.wait_for(lambda: last.get("edits"), 10)
+        bot.fake.wait_for(lambda m=last: m.get("edits"), 10)
         assert all(b["type"] != "actions" for b in last["blocks"])
     bot.idle()
     assert bot.fake.refused == []

@@ -193,7 +193,7 @@ class _Checker:
     # ------------------------------------------------------------------ blocks
     def block(self, b: Any, ptr: str) -> None:
         kind = b.get("type") if isinstance(b, dict) else None
-        allowed = ("section", "divider", "header", "context", "actions", "image")
+        allowed: tuple[str, ...] = ("section", "divider", "header", "context", "actions", "image")
         if self.surface != "message":  # input blocks: modals and Home tabs
             allowed += ("input",)
         if kind not in allowed:
