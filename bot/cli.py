@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import html
 import logging
 import signal
 import sys
@@ -157,7 +158,8 @@ def projects(settings: Settings, out: TextIO | None = None) -> int:
     from bot.home import status_text
     from storage.db import Database
 
-    print(status_text(Database(settings.database_url)).replace("*", ""), file=out)
+    text = status_text(Database(settings.database_url)).replace("*", "")
+    print(html.unescape(text), file=out)  # names are escaped for Slack's mrkdwn
     return 0
 
 

@@ -115,7 +115,7 @@ class Handlers:
             app.event(name)(fn)
         for action_id in (*_RESUME_ACTION, *_MODAL):
             app.action(action_id)(self.on_interrupt_action)
-        app.action(B.SAMPLES_EDIT)(self.on_sample_edit)
+        app.action(B.SAMPLES_EDIT_RE)(self.on_sample_edit)  # samples_edit:<n> (and old cards)
         app.action(B.STOP_RUN)(self.on_stop_run)
         app.view(B.FEEDBACK_CALLBACK)(self.on_feedback_submit)
         app.view(B.EDIT_CALLBACK)(self.on_edit_submit)
@@ -238,7 +238,7 @@ class Handlers:
             self._ephemeral(client, channel, user, thread_ts, ALREADY_HANDLED)
             return
         example = examples[index]
-        if any(len(str(example.get(k, ""))) > B.EDIT_MAX_CHARS for k in ("prompt", "response")):
+        if not B.fits_editor(example):
             self._ephemeral(client, channel, user, thread_ts,
                             f"Example {index + 1} is longer than Slack's {B.EDIT_MAX_CHARS}-"
                             "character edit box; use *Regenerate with feedback* instead.")
@@ -295,7 +295,9 @@ class Handlers:
         values = view.get("state", {}).get("values", {})
 
         def typed(block: str) -> str:
-            return ((values.get(block) or {}).get(B.EDIT_INPUT) or {}).get("value") or ""
+            inputs = values.get(block) or {}  # keyed by action id (older modals: "text")
+            typed_in = inputs.get(B.EDIT_INPUTS[block]) or next(iter(inputs.values()), None)
+            return (typed_in or {}).get("value") or ""
 
         prompt, response = typed(B.EDIT_PROMPT_BLOCK).strip(), typed(B.EDIT_RESPONSE_BLOCK).strip()
         errors = {b: "This can't be empty." for b, t in

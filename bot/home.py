@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
+from bot import limits as L
+from bot.layout import section, sections
 from storage.db import Database
 from storage.status import StatusSummary, summary
+
+# Home tab: at most 100 blocks and 250 kB as sent (JSON, non-ASCII as \u escapes; see
+# tests/fakes/slack_validate.py); the status gets at most this much of both.
+HOME_STATUS_SECTIONS = 60
+HOME_STATUS_BYTES = 180_000
 
 HELP_TEXT = (
     "*tuner* turns a big-LLM prompt into a small fine-tuned model.\n"
@@ -22,14 +31,14 @@ def _thread_link(thread_id: str) -> str:
 
 
 def status_lines(sm: StatusSummary) -> list[str]:
-    names = {p.project_id: p.name for p in sm.projects}
+    names = {p.project_id: L.escape(p.name) for p in sm.projects}
     lines = [f"*Projects* ({len(sm.projects)})"]
     for p in sm.projects:
         run = (f"run {p.latest_run_id} {p.latest_run_status}" if p.latest_run_id is not None
                else "no runs")
         loss = f", best eval loss {p.best_eval_loss:.4f}" if p.best_eval_loss is not None else ""
         nightly = ", nightly on" if p.nightly_enabled else ""
-        lines.append(f"• #{p.project_id} {p.name} – {p.status} – {run}{loss} – "
+        lines.append(f"• #{p.project_id} {L.escape(p.name)} – {p.status} – {run}{loss} – "
                      f"${p.spend_usd:.2f} of ${p.budget_usd:.2f}{nightly} – "
                      f"{_thread_link(p.thread_id)}")
     if not sm.projects:
@@ -54,11 +63,19 @@ def status_text(db: Database) -> str:
 
 
 def home_view(db: Database) -> dict:
-    text = status_text(db)
+    status: list[dict] = []
+    size = 0
+    for block in sections(status_text(db)):
+        size += len(json.dumps(block))
+        if len(status) == HOME_STATUS_SECTIONS - 1 or size > HOME_STATUS_BYTES:
+            status.append(section("…and more: `tuner projects` on the bot's host lists "
+                                  "everything."))
+            break
+        status.append(block)
     blocks: list[dict] = [
         {"type": "header", "text": {"type": "plain_text", "text": "tuner"}},
-        {"type": "section", "text": {"type": "mrkdwn", "text": text[:2900]}},
+        *status,
         {"type": "divider"},
-        {"type": "section", "text": {"type": "mrkdwn", "text": HELP_TEXT}},
+        *sections(HELP_TEXT),
     ]
     return {"type": "home", "blocks": blocks}

@@ -244,7 +244,7 @@ def test_double_click_resumes_once(make_bot) -> None:
     bot.runner.interrupts[tid] = ["int-1"]
     card = bot.fake._m_chat_postMessage(  # the card as the presenter posted it
         {"channel": CH, "thread_ts": "510.000001", "text": "spec",
-         "blocks": B.spec_card("int-1", tid, {"name": "x"})[1]})["message"]
+         "blocks": B.spec_card("int-1", tid, {"name": "x"}).messages[0].blocks})["message"]
     click = block_action(B.SPEC_APPROVE, B.encode_value("int-1", tid), user="U1", channel=CH,
                          message=card)
     assert bot.post(click, kind="interactive").status == 200
@@ -335,18 +335,23 @@ def _edit_submission(view: dict, user: str, prompt: str, response: str) -> dict:
     """A view_submission of the sample editor as Slack sends it (two input blocks)."""
     payload = view_submission(view, user=user, text="")
     payload["view"]["state"]["values"] = {
-        B.EDIT_PROMPT_BLOCK: {B.EDIT_INPUT: {"type": "plain_text_input", "value": prompt}},
-        B.EDIT_RESPONSE_BLOCK: {B.EDIT_INPUT: {"type": "plain_text_input", "value": response}},
+        B.EDIT_PROMPT_BLOCK: {B.EDIT_INPUTS[B.EDIT_PROMPT_BLOCK]:
+                              {"type": "plain_text_input", "value": prompt}},
+        B.EDIT_RESPONSE_BLOCK: {B.EDIT_INPUTS[B.EDIT_RESPONSE_BLOCK]:
+                                {"type": "plain_text_input", "value": response}},
     }
     return payload
 
 
 def test_samples_card_has_an_edit_button_per_sample() -> None:
     tid = f"{TEAM_ID}:{CH}:720.000001"
-    _, blocks = B.ask_card("int-5", tid, {"kind": "samples", "examples": SAMPLES, "round": 2,
-                                          "edited": [1]})
+    (msg,) = B.ask_card("int-5", tid, {"kind": "samples", "examples": SAMPLES, "round": 2,
+                                       "edited": [1]}).messages
+    blocks = msg.blocks
     edits = [b["accessory"] for b in blocks if "accessory" in b]
-    assert [e["action_id"] for e in edits] == [B.SAMPLES_EDIT] * 3
+    # unique per message, as Slack requires; the handler routes them all
+    assert [e["action_id"] for e in edits] == [f"{B.SAMPLES_EDIT}:{n}" for n in range(3)]
+    assert all(B.SAMPLES_EDIT_RE.match(e["action_id"]) for e in edits)
     assert [B.decode_value(e["value"]) for e in edits] == [("int-5", tid)] * 3
     assert [B.decode_index(e["value"]) for e in edits] == [0, 1, 2]
     marked = [b["text"]["text"] for b in blocks if "edited by you" in json.dumps(b)]
@@ -360,9 +365,10 @@ def test_edit_button_opens_prefilled_modal_and_submission_resumes(make_bot) -> N
     bot.runner.payloads["int-4"] = {"kind": "samples", "examples": SAMPLES, "round": 1}
     card = bot.fake._m_chat_postMessage(
         {"channel": CH, "thread_ts": "730.000001", "text": "samples",
-         "blocks": B.samples_card("int-4", tid, SAMPLES)[1]})["message"]
-    edit_value = [b["accessory"]["value"] for b in card["blocks"] if "accessory" in b][2]
-    r = bot.post(block_action(B.SAMPLES_EDIT, edit_value, user="U1", channel=CH, message=card),
+         "blocks": B.samples_card("int-4", tid, SAMPLES).messages[0].blocks})["message"]
+    edit = [b["accessory"] for b in card["blocks"] if "accessory" in b][2]
+    r = bot.post(block_action(edit["action_id"], edit["value"], user="U1", channel=CH,
+                              message=card),
                  kind="interactive")
     assert r.status == 200
     opened = bot.fake.wait_for(lambda: [v for v in bot.fake.views if v["kind"] == "open"])
@@ -413,7 +419,7 @@ def test_approving_samples_strips_the_edit_buttons(make_bot) -> None:
     bot.runner.interrupts[tid] = ["int-6"]
     card = bot.fake._m_chat_postMessage(
         {"channel": CH, "thread_ts": "750.000001", "text": "samples",
-         "blocks": B.samples_card("int-6", tid, SAMPLES)[1]})["message"]
+         "blocks": B.samples_card("int-6", tid, SAMPLES).messages[0].blocks})["message"]
     bot.post(block_action(B.SAMPLES_APPROVE, B.encode_value("int-6", tid), user="U1",
                           channel=CH, message=card), kind="interactive")
     bot.idle()

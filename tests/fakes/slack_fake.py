@@ -3,6 +3,10 @@
 The real slack_sdk WebClient reaches it via base_url (TUNER_SLACK_API_URL); the real
 SocketModeClient reaches it via apps.connections.open -> ws://127.0.0.1:<port>/link.
 Everything is recorded so tests can assert on thread contents.
+
+Message and view payloads are validated as Slack validates them (tests/fakes/slack_validate.py):
+what the real API refuses, the fake refuses with the same error. `inject()` makes any
+method fail with any Slack error (or HTTP 429 + Retry-After) for the next calls.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlencode, urlparse
 
+from tests.fakes.slack_validate import check_message, check_view
+
 BOT_TOKEN = "xoxb-fake-bot-token"
 APP_TOKEN = "xapp-fake-app-token"
 SIGNING_SECRET = "fake-signing-secret"
@@ -38,6 +44,15 @@ class Call:
 
 
 @dataclass
+class Injected:
+    """One injected failure: a Slack error body, or HTTP 429 when retry_after is set."""
+
+    error: str
+    retry_after: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class FakeSlack:
     bot_token: str = BOT_TOKEN
     app_token: str = APP_TOKEN
@@ -52,6 +67,9 @@ class FakeSlack:
     fail: dict[str, str] = field(default_factory=dict)  # method -> error to return (once)
     # method -> how many next calls get HTTP 429 + Retry-After (Slack's rate limiting)
     ratelimit: dict[str, int] = field(default_factory=dict)
+    injected: dict[str, list[Injected]] = field(default_factory=dict)  # see inject()
+    # every ok:false answer of a method (not the injected ones): (method, body)
+    refused: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._lock = threading.Condition()
@@ -108,6 +126,17 @@ class FakeSlack:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api/"
+
+    def inject(self, method: str, error: str = "ratelimited", *, times: int = 1,
+               retry_after: float | None = None, **extra: Any) -> None:
+        """The next `times` calls of `method` fail with `error` (extra keys join the body).
+
+        With retry_after, the failure is Slack's rate limiting: HTTP 429 with a Retry-After
+        header (seconds) and {"ok": false, "error": "ratelimited"}
+        (https://docs.slack.dev/apis/web-api/rate-limits)."""
+        with self._lock:
+            self.injected.setdefault(method, []).extend(
+                Injected(error, retry_after, dict(extra)) for _ in range(times))
 
     # ------------------------------------------------------------------ assertions
     def calls_to(self, method: str) -> list[Call]:
@@ -219,20 +248,30 @@ class FakeSlack:
                 return self._json(h, {"ok": False, "error": self.fail.pop(method)})
             if self.ratelimit.get(method, 0) > 0:
                 self.ratelimit[method] -= 1
-                body = json.dumps({"ok": False, "error": "ratelimited"}).encode()
-                h.send_response(429)
-                h.send_header("Retry-After", "0")
-                h.send_header("Content-Type", "application/json; charset=utf-8")
-                h.send_header("Content-Length", str(len(body)))
-                h.end_headers()
-                h.wfile.write(body)
-                return None
+                return self._rate_limited(h, 0)
+            queued = self.injected.get(method)
+            if queued:
+                inj = queued.pop(0)
+                if inj.retry_after is not None:
+                    return self._rate_limited(h, inj.retry_after)
+                return self._json(h, {"ok": False, "error": inj.error, **inj.extra})
             fn = getattr(self, "_m_" + method.replace(".", "_"), None)
             if fn is None:
                 return self._json(h, {"ok": False, "error": "unknown_method"})
             result = fn(args)
+            if not result.get("ok"):
+                self.refused.append((method, result))
             self._lock.notify_all()
         self._json(h, result)
+
+    def _rate_limited(self, h: BaseHTTPRequestHandler, retry_after: float) -> None:
+        body = json.dumps({"ok": False, "error": "ratelimited"}).encode()
+        h.send_response(429)
+        h.send_header("Retry-After", f"{retry_after:g}")
+        h.send_header("Content-Type", "application/json; charset=utf-8")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
 
     def _next_ts(self) -> str:
         return f"{1700000000 + next(self._ts)}.000100"
@@ -245,8 +284,9 @@ class FakeSlack:
     def _m_chat_postMessage(self, a: dict) -> dict:
         if not a.get("channel"):
             return {"ok": False, "error": "channel_not_found"}
-        if not a.get("text") and not a.get("blocks"):
-            return {"ok": False, "error": "no_text"}
+        refused = check_message("chat.postMessage", a)
+        if refused is not None:
+            return refused
         msg = {"channel": a["channel"], "ts": self._next_ts(), "text": a.get("text", ""),
                "blocks": _blocks(a.get("blocks")), "thread_ts": a.get("thread_ts"),
                "bot_id": BOT_ID, "user": BOT_USER_ID}
@@ -254,6 +294,9 @@ class FakeSlack:
         return {"ok": True, "channel": msg["channel"], "ts": msg["ts"], "message": msg}
 
     def _m_chat_update(self, a: dict) -> dict:
+        refused = check_message("chat.update", a)
+        if refused is not None:
+            return refused
         for m in self.messages:
             if m["channel"] == a.get("channel") and m["ts"] == a.get("ts"):
                 m["text"] = a.get("text", m["text"])
@@ -266,19 +309,36 @@ class FakeSlack:
     def _m_chat_postEphemeral(self, a: dict) -> dict:
         if not a.get("user") or not a.get("channel"):
             return {"ok": False, "error": "user_not_in_channel"}
+        refused = check_message("chat.postEphemeral", a)
+        if refused is not None:
+            return refused
         self.ephemerals.append(dict(a))
         return {"ok": True, "message_ts": self._next_ts()}
 
     def _m_views_open(self, a: dict) -> dict:
         if not a.get("trigger_id"):
             return {"ok": False, "error": "invalid_trigger_id"}
-        view = _blocks(a.get("view"))
-        self.views.append({"kind": "open", "view": view, "trigger_id": a["trigger_id"]})
-        return {"ok": True, "view": {"id": f"V{next(self._ids):08d}", **view}}
+        return self._view("open", a, trigger_id=a["trigger_id"])
+
+    def _m_views_push(self, a: dict) -> dict:
+        if not a.get("trigger_id"):
+            return {"ok": False, "error": "invalid_trigger_id"}
+        return self._view("push", a, trigger_id=a["trigger_id"])
+
+    def _m_views_update(self, a: dict) -> dict:
+        if not a.get("view_id") and not a.get("external_id"):
+            return {"ok": False, "error": "not_found"}
+        return self._view("update", a, view_id=a.get("view_id"))
 
     def _m_views_publish(self, a: dict) -> dict:
+        return self._view("publish", a, user_id=a.get("user_id"))
+
+    def _view(self, kind: str, a: dict, **where: Any) -> dict:
+        refused = check_view(a.get("view"))
+        if refused is not None:
+            return refused
         view = _blocks(a.get("view"))
-        self.views.append({"kind": "publish", "view": view, "user_id": a.get("user_id")})
+        self.views.append({"kind": kind, "view": view, **where})
         return {"ok": True, "view": {"id": f"V{next(self._ids):08d}", **view}}
 
     def _m_files_getUploadURLExternal(self, a: dict) -> dict:
