@@ -21,9 +21,13 @@ Cost per 1k requests, both sides from measured numbers:
 * big model (`big_model_cost_per_1k_usd`): for up to BIG_MODEL_SAMPLE held-out examples,
   Claude's token counter (POST /v1/messages/count_tokens, free) measures
       in_i  = count(system, [user: prompt_i])
-      out_i = count(system, [user: prompt_i, assistant: reference_i]) - in_i
-  where reference_i is the example's big-model reference output (its response when none;
-  the assistant turn's few framing tokens are included), then
+      out_i = count(system, [user: prompt_i + "\n\n" + reference_i]) - in_i
+  where reference_i is the example's big-model reference output (its response when none).
+  Both counts are one user turn with the same system prompt, so the framing cancels and
+  out_i is the reference's own tokens (plus at most one for the separator). No request
+  ends in an assistant turn: models without prefill support (claude-sonnet-4-6 and the
+  other 4.6+ models) answer those with a 400 ("This model does not support assistant
+  message prefill"), on count_tokens too. Then
       1000 * (mean(in) * input_price + mean(out) * output_price) / 1e6
   with storage.spend.CLAUDE_PRICES for settings.tuner_claude_model. Without a token counter
   (Claude not configured) or when counting fails it is None: never a guess.
@@ -63,6 +67,7 @@ SMOKE_PROMPT = "Reply with one short sentence: are you ready?"
 SMOKE_REQUESTS = 3  # smoke jobs whose execution time is averaged for the fine-tuned cost
 BIG_MODEL_SAMPLE = 8  # held-out examples whose tokens Claude counts for the big-model cost
 MAX_MODEL_LEN = 2048
+REFERENCE_SEPARATOR = "\n\n"  # between prompt and reference in the output-token count
 _SPLIT_ORDER = {"test": 0, "val": 1, "train": 2}
 
 
@@ -336,12 +341,11 @@ class DeployService:
         tins: list[int] = []
         touts: list[int] = []
         for e in sample:
-            ask = [{"role": "user", "content": e.prompt}]
             answer = e.reference if e.reference is not None else e.response
-            tin = counter.count_tokens(system, ask, model=model)
-            full = counter.count_tokens(system, ask + [{"role": "assistant", "content": answer}], model=model)
+            tin = counter.count_tokens(system, [{"role": "user", "content": e.prompt}], model=model)
+            both = [{"role": "user", "content": e.prompt + REFERENCE_SEPARATOR + answer}]
             tins.append(tin)
-            touts.append(max(0, full - tin))
+            touts.append(max(0, counter.count_tokens(system, both, model=model) - tin))
         return big_model_cost_per_1k(model, tins, touts)
 
     def _big_model_cost_safe(self, system: str, examples: list[Example]) -> float | None:

@@ -10,6 +10,7 @@ from sqlmodel import select
 from jobs.claude import ClaudeAPIError, ClaudeClient
 from jobs.deploy import (
     BIG_MODEL_SAMPLE,
+    REFERENCE_SEPARATOR,
     SMOKE_PROMPT,
     SMOKE_REQUESTS,
     DeployError,
@@ -87,10 +88,9 @@ def _test_examples(db: Database, pid: int) -> list[Example]:
 
 
 def _expected_big_model_per_1k(examples: list[Example], model: str) -> float:
-    """From the fake tokenizer's counts: system + framed prompt in, framed reference out."""
+    """From the fake tokenizer's counts: system + framed prompt in, the reference's own tokens out."""
     tins = [count_text_tokens(SYSTEM) + MESSAGE_OVERHEAD_TOKENS + count_text_tokens(e.prompt) for e in examples]
-    touts = [MESSAGE_OVERHEAD_TOKENS + count_text_tokens(e.reference if e.reference is not None else e.response)
-             for e in examples]
+    touts = [count_text_tokens(e.reference if e.reference is not None else e.response) for e in examples]
     pin, pout = spend.CLAUDE_PRICES[model]
     n = len(examples)
     return (sum(tins) / n * pin + sum(touts) / n * pout) / 1e6 * 1000
@@ -147,14 +147,18 @@ def test_deploy_happy_path(db, fake, monkeypatch, claude):
     assert dep.cost_per_1k_usd == pytest.approx(0.00019 * sum(exec_s) / 3 * 1000)
     assert spend.by_kind(db, project_id=pid)["endpoint"] == pytest.approx(0.00019 * sum(exec_s))
 
-    # big model: Claude's counts of the first BIG_MODEL_SAMPLE held-out examples, priced for the model
+    # big model: Claude's counts of the first BIG_MODEL_SAMPLE held-out examples, priced for
+    # the default model (claude-sonnet-4-6: no prefill, so no request ends in an assistant turn)
     model = svc.settings.tuner_claude_model
+    assert model == "claude-sonnet-4-6"
     assert dep.big_model_cost_per_1k_usd == pytest.approx(_expected_big_model_per_1k(held[:BIG_MODEL_SAMPLE], model))
     counted = claude.count_requests
     assert len(counted) == 2 * BIG_MODEL_SAMPLE and len(held) > BIG_MODEL_SAMPLE
     assert all(r["model"] == model and r["system"] == SYSTEM for r in counted)
-    assert counted[1]["messages"][-1] == {"role": "assistant", "content": held[0].reference}
-    assert counted[3]["messages"][-1] == {"role": "assistant", "content": held[1].response}  # no reference
+    assert all([m["role"] for m in r["messages"]] == ["user"] for r in counted)
+    assert counted[0]["messages"] == [{"role": "user", "content": held[0].prompt}]
+    assert counted[1]["messages"] == [{"role": "user", "content": held[0].prompt + REFERENCE_SEPARATOR + held[0].reference}]
+    assert counted[3]["messages"] == [{"role": "user", "content": held[1].prompt + REFERENCE_SEPARATOR + held[1].response}]
     # counting is free: the ledger has no Claude entry
     with db.session() as s:
         assert s.exec(select(SpendEntry).where(SpendEntry.kind == "claude_tokens")).all() == []
