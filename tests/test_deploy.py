@@ -411,6 +411,7 @@ def test_template_refused_past_the_retry_window_is_deleted_by_the_reaper_after_r
     svc = _service(db, fake, monkeypatch, window_s=0.3)
     dep = svc.deploy(pid, rid)
     assert svc.undeploy(dep.id).status == "removed"
+    _wait(lambda: _cleanup_rows(db)[0].attempts >= 1, what="a background attempt")
     svc.templates.close(timeout=10)  # the background retries gave up (window) or are stopped
     (row,) = _cleanup_rows(db)
     assert row.done_at is None and row.gave_up_at is None and row.attempts >= 1
