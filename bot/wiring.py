@@ -39,6 +39,7 @@ class Wired:
     trainer: Any | None = None
     nightly: Any | None = None
     missing: list[str] = field(default_factory=list)
+    templates: Any | None = None  # jobs.template_cleanup.TemplateCleaner
 
     def start_background(self) -> list[str]:
         """Reaper start-up pass + periodic loop, nightly scheduler, then resume dead threads."""
@@ -64,6 +65,8 @@ class Wired:
             self.trainer.detach()
         if self.reaper is not None:
             self.reaper.stop(timeout=2)
+        if self.templates is not None:
+            self.templates.close(timeout=2)  # pending templates stay for the next reaper pass
         if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         self.services.worker.shutdown(wait=False)
@@ -97,22 +100,25 @@ def build(settings: Settings, *, artifacts_dir: Path | None = None) -> Wired:
         llm = MissingLLM()
         missing.append("ANTHROPIC_API_KEY (spec, data generation and judging are off)")
 
-    trainer = deployer = reaper = None
+    trainer = deployer = reaper = templates = None
     if settings.runpod_api_key is not None:
         from jobs.reaper import Reaper
         from jobs.runpod_api import RunPodAPI
+        from jobs.serverless import ServerlessClient
+        from jobs.template_cleanup import TemplateCleaner
         from jobs.training import TrainingService
 
         api = RunPodAPI(settings)
+        serverless = ServerlessClient(settings)
+        templates = TemplateCleaner(db, serverless, window_s=settings.tuner_template_retry_s)
         trainer = TrainingService(db, settings, api, artifacts_dir or Path("data/artifacts"))
-        reaper = Reaper(db, api, settings.tuner_reaper_interval_s)
+        reaper = Reaper(db, api, settings.tuner_reaper_interval_s, templates=templates)
         if settings.hf_token is not None:
             from jobs.deploy import DeployService
-            from jobs.serverless import ServerlessClient
 
             counter = None if isinstance(llm, MissingLLM) else llm  # measured token counts
-            deployer = DeployService(db, settings, ServerlessClient(settings),
-                                     token_counter=counter)
+            deployer = DeployService(db, settings, serverless, token_counter=counter,
+                                     templates=templates)
         else:
             missing.append("HF_TOKEN (deployment is off)")
     else:
@@ -134,5 +140,5 @@ def build(settings: Settings, *, artifacts_dir: Path | None = None) -> Wired:
         services.scheduler = scheduler
     return Wired(
         settings, db, app, runner, services, notifier, reaper, scheduler, trainer, nightly,
-        missing,
+        missing, templates,
     )

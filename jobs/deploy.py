@@ -1,10 +1,20 @@
 """Deploy a trained run's merged model (on the HF Hub) to a RunPod serverless endpoint.
 
-Flow: template (worker-vllm image, MODEL_NAME=<hf repo>) -> endpoint (tuner-..., workers
-0..1) -> smoke requests via /run, each polled until COMPLETED (a scale-from-zero endpoint
-only gets a worker once a job is queued, so "healthy" = the first smoke job done) -> costs
--> Deployment(status="healthy"). On any failure the endpoint and template are deleted so
-nothing is left billing, the Deployment is marked failed and DeployError raised.
+Flow: template (worker-vllm image, MODEL_NAME=<hf repo>, container disk sized for the
+run's base model) -> endpoint (tuner-..., workers 0..1, GPU pools that hold the model:
+jobs.serve_plan) -> smoke requests via /run, each polled until COMPLETED (a scale-from-zero
+endpoint only gets a worker once a job is queued, so "healthy" = the first smoke job done)
+-> costs -> Deployment(status="healthy"). A smoke job that ends FAILED/CANCELLED/TIMED_OUT,
+or COMPLETED with a worker error in its output (worker-vllm reports engine errors that way),
+fails the deploy: the endpoint is deleted so nothing is left billing, the Deployment is
+marked failed and DeployError raised.
+
+Templates: RunPod refuses to delete a template for up to ~2 minutes after its endpoint is
+deleted. Undeploy and a failed deploy delete the endpoint (scale to 0, then delete) and
+hand the template to jobs.template_cleanup.TemplateCleaner, which retries in the
+background and leaves what is still refused to the reaper. Templates do not bill, so
+Undeploy succeeds once the endpoint is gone, and only a failed endpoint deletion is
+reported as a clean-up failure.
 
 Held-out sample: the run's dataset examples, split "test" first, then "val", then "train"
 (ordered by id), each sent with the approved task spec's system prompt, exactly as the
@@ -21,9 +31,13 @@ Cost per 1k requests, both sides from measured numbers:
 * big model (`big_model_cost_per_1k_usd`): for up to BIG_MODEL_SAMPLE held-out examples,
   Claude's token counter (POST /v1/messages/count_tokens, free) measures
       in_i  = count(system, [user: prompt_i])
-      out_i = count(system, [user: prompt_i, assistant: reference_i]) - in_i
-  where reference_i is the example's big-model reference output (its response when none;
-  the assistant turn's few framing tokens are included), then
+      out_i = count(system, [user: prompt_i + "\n\n" + reference_i]) - in_i
+  where reference_i is the example's big-model reference output (its response when none).
+  Both counts are one user turn with the same system prompt, so the framing cancels and
+  out_i is the reference's own tokens (plus at most one for the separator). No request
+  ends in an assistant turn: models without prefill support (claude-sonnet-4-6 and the
+  other 4.6+ models) answer those with a 400 ("This model does not support assistant
+  message prefill"), on count_tokens too. Then
       1000 * (mean(in) * input_price + mean(out) * output_price) / 1e6
   with storage.spend.CLAUDE_PRICES for settings.tuner_claude_model. Without a token counter
   (Claude not configured) or when counting fails it is None: never a guess.
@@ -39,30 +53,33 @@ from typing import Any, Protocol
 
 from sqlmodel import col, select
 
-from jobs.serverless import PENDING, TERMINAL_BAD, TERMINAL_OK, ServerlessClient, ServerlessError
+from jobs import serve_plan
+from jobs.serve_plan import SERVERLESS_PRICE_PER_S, ServePlan
+from jobs.serverless import (
+    PENDING,
+    TERMINAL_BAD,
+    TERMINAL_OK,
+    JobStatus,
+    ServerlessClient,
+    ServerlessError,
+    worker_error,
+)
+from jobs.template_cleanup import TemplateCleaner
 from storage import spend
 from storage.db import Database
-from storage.redact import redact
 from storage.models import Deployment, Example, Run, TaskSpecRow, utcnow
+from storage.redact import redact
 from storage.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Flex worker price, USD per second, by RunPod serverless GPU pool id.
-SERVERLESS_PRICE_PER_S: dict[str, float] = {
-    "AMPERE_16": 0.00016,
-    "AMPERE_24": 0.00019,
-    "ADA_24": 0.00031,
-    "AMPERE_48": 0.00034,
-    "ADA_48_PRO": 0.00053,
-    "AMPERE_80": 0.00076,
-    "ADA_80_PRO": 0.00116,
-}
-DEFAULT_GPU_IDS = "AMPERE_24"
+__all__ = ["SERVERLESS_PRICE_PER_S", "DeployError", "DeployService", "curl_example"]
+
 SMOKE_PROMPT = "Reply with one short sentence: are you ready?"
 SMOKE_REQUESTS = 3  # smoke jobs whose execution time is averaged for the fine-tuned cost
 BIG_MODEL_SAMPLE = 8  # held-out examples whose tokens Claude counts for the big-model cost
 MAX_MODEL_LEN = 2048
+REFERENCE_SEPARATOR = "\n\n"  # between prompt and reference in the output-token count
 _SPLIT_ORDER = {"test": 0, "val": 1, "train": 2}
 
 
@@ -155,18 +172,23 @@ class DeployService:
         settings: Settings,
         client: ServerlessClient,
         *,
-        gpu_ids: str = DEFAULT_GPU_IDS,
+        gpu_ids: str | None = None,
         ready_timeout_s: float = 900.0,
         poll_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         token_counter: TokenCounter | None = None,
+        templates: TemplateCleaner | None = None,
     ) -> None:
+        """`gpu_ids` overrides TUNER_SERVERLESS_GPU_IDS, which overrides the pools sized
+        from the model (jobs.serve_plan)."""
         self.db = db
         self.token_counter = token_counter
         self.settings = settings
         self.client = client
-        self.gpu_ids = gpu_ids
+        self.gpu_ids = gpu_ids or settings.tuner_serverless_gpu_ids.strip() or None
+        self.templates = templates or TemplateCleaner(
+            db, client, window_s=settings.tuner_template_retry_s)
         self.ready_timeout_s = ready_timeout_s
         self.poll_s = settings.tuner_poll_interval_s if poll_s is None else poll_s
         self.clock = clock
@@ -192,22 +214,44 @@ class DeployService:
             self._save(dep, status="failed", removed_at=utcnow())
             msg = redact(str(exc), self.settings)
             if leftover:
-                msg += f" Clean-up also failed ({leftover}); delete {endpoint_name(dep)} in the RunPod console."
+                msg += f" Clean-up also failed ({redact(leftover, self.settings)}); delete {endpoint_name(dep)} in the RunPod console."
             raise DeployError(msg) from exc
 
-    def _bring_up(self, dep: Deployment) -> Deployment:
-        env = {"MODEL_NAME": dep.model_ref, "MAX_MODEL_LEN": str(MAX_MODEL_LEN), "GPU_MEMORY_UTILIZATION": "0.90"}
+    def plan(self, project_id: int, run_id: int | None) -> ServePlan:
+        """GPU pools and worker disk for the run's base model (config, else approved spec)."""
+        with self.db.session() as s:
+            run = s.get(Run, run_id) if run_id is not None else None
+        base = str(((run.config or {}) if run else {}).get("base_model") or "")
+        base = base or str(self._approved_spec(project_id).get("base_model") or "")
+        plan = serve_plan.plan_for(base)
+        if not plan.known:
+            log.warning("base model %r is not in the catalog; serving on %s with a %d GB disk",
+                        base, plan.gpu_ids, plan.disk_gb)
+        if self.gpu_ids:
+            plan = ServePlan(self.gpu_ids, plan.disk_gb, plan.known)
+        return plan
+
+    def _worker_env(self, dep: Deployment) -> dict[str, str]:
+        """worker-vllm's environment (names from its README "Configuration" table)."""
+        env = {"MODEL_NAME": dep.model_ref, "MAX_MODEL_LEN": str(MAX_MODEL_LEN),
+               "GPU_MEMORY_UTILIZATION": f"{serve_plan.GPU_MEMORY_UTILIZATION:.2f}"}
         if self.settings.hf_token is not None and self.settings.hf_token.get_secret_value():
             env["HF_TOKEN"] = self.settings.hf_token.get_secret_value()
-        tpl = self.client.create_template(template_name(dep), self.settings.tuner_vllm_image, env)
+        return env
+
+    def _bring_up(self, dep: Deployment) -> Deployment:
+        plan = self.plan(dep.project_id, dep.run_id)
+        tpl = self.client.create_template(template_name(dep), self.settings.tuner_vllm_image,
+                                          self._worker_env(dep), container_disk_gb=plan.disk_gb)
         self._save(dep, template_id=tpl)
         eid = self.client.create_endpoint(
-            endpoint_name(dep), tpl, gpu_ids=self.gpu_ids, workers_min=0, workers_max=1
+            endpoint_name(dep), tpl, gpu_ids=plan.gpu_ids, workers_min=0, workers_max=1,
+            allowed_cuda_versions=self.settings.tuner_vllm_cuda_versions,
         )
         self._save(dep, endpoint_id=eid)
         system, examples, max_tokens = self._held_out(dep.project_id, dep.run_id)
         prompts = [e.prompt for e in examples[:SMOKE_REQUESTS]] or [SMOKE_PROMPT]
-        price = self.price_per_s()
+        price = serve_plan.price_per_s(plan.gpu_ids)
         exec_times: list[float] = []
         for i, prompt in enumerate(prompts, start=1):
             messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -258,46 +302,46 @@ class DeployService:
             log.warning("removed endpoint %s left by an interrupted deploy", dep.endpoint_id)
             self._save(dep, status="failed", removed_at=utcnow())
 
-    def price_per_s(self) -> float:
-        """Flex worker USD/s of the first GPU pool asked for (AMPERE_24's when unknown)."""
-        pool = self.gpu_ids.split(",")[0].strip()
-        return SERVERLESS_PRICE_PER_S.get(pool, SERVERLESS_PRICE_PER_S[DEFAULT_GPU_IDS])
-
-    def _held_out(self, project_id: int, run_id: int | None) -> tuple[str, list[Example], int]:
-        """(system prompt, sample of held-out examples, max output tokens) for the run."""
+    def _approved_spec(self, project_id: int) -> dict[str, Any]:
         with self.db.session() as s:
             spec_row = s.exec(
                 select(TaskSpecRow)
                 .where(TaskSpecRow.project_id == project_id, TaskSpecRow.approved)
                 .order_by(col(TaskSpecRow.version).desc(), col(TaskSpecRow.id).desc())
             ).first()
+        return dict(spec_row.spec or {}) if spec_row else {}
+
+    def _held_out(self, project_id: int, run_id: int | None) -> tuple[str, list[Example], int]:
+        """(system prompt, sample of held-out examples, max output tokens) for the run."""
+        spec = self._approved_spec(project_id)
+        with self.db.session() as s:
             run = s.get(Run, run_id) if run_id is not None else None
             q = select(Example).where(Example.project_id == project_id)
             if run is not None and run.dataset_id is not None:
                 q = q.where(Example.dataset_id == run.dataset_id)
             rows = list(s.exec(q.order_by(col(Example.id))).all())
-        spec = (spec_row.spec or {}) if spec_row else {}
         system = str(spec.get("system_prompt") or "")
         max_tokens = min(int(spec.get("max_output_tokens") or 512), MAX_MODEL_LEN // 2)
         rows.sort(key=lambda e: _SPLIT_ORDER.get(e.split, len(_SPLIT_ORDER)))  # stable: ids stay ordered
         return system, rows[: max(BIG_MODEL_SAMPLE, SMOKE_REQUESTS)], max_tokens
 
     def _smoke(self, endpoint_id: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
-        """Queue one chat request and poll it to COMPLETED; DeployError otherwise."""
+        """Queue one chat request and poll it to COMPLETED without a worker error;
+        DeployError otherwise."""
         payload = {"messages": messages, "sampling_params": {"max_tokens": max_tokens}}
         job_id = self.client.submit(endpoint_id, payload)
         deadline = self.clock() + self.ready_timeout_s
         last: dict[str, Any] = {}
         while True:
             last = self.client.status(endpoint_id, job_id)
-            state = str(last.get("status", ""))
-            if state == TERMINAL_OK:
-                return last
+            state = JobStatus.parse(last.get("status"))
+            if state is TERMINAL_OK:
+                return self._checked_output(last)
             if state in TERMINAL_BAD:
                 err = str(last.get("error") or "no error message")[:300]
-                raise DeployError(f"The smoke request ended {state}: {err}")
+                raise DeployError(f"The smoke request ended {state.value}: {err}")
             if state not in PENDING:
-                raise DeployError(f"The smoke request returned an unknown status {state!r}.")
+                raise DeployError(f"The smoke request returned an unknown status {last.get('status')!r}.")
             if self.clock() >= deadline:
                 break
             self.sleep(self.poll_s)
@@ -311,6 +355,17 @@ class DeployService:
             f"(smoke request still {last.get('status', 'unknown')}; workers: {workers}). "
             "Usually no GPU of that type is free, or the model is too big or private."
         )
+
+    @staticmethod
+    def _checked_output(job: dict[str, Any]) -> dict[str, Any]:
+        """The COMPLETED job, or DeployError when its output is a worker error."""
+        err = worker_error(job.get("output"))
+        if err is not None:
+            raise DeployError(
+                "The model server on the endpoint answered the smoke request with an error "
+                f"instead of a reply: {err[:300]}"
+            )
+        return job
 
     def _workers_text(self, endpoint_id: str) -> str:
         try:
@@ -336,12 +391,11 @@ class DeployService:
         tins: list[int] = []
         touts: list[int] = []
         for e in sample:
-            ask = [{"role": "user", "content": e.prompt}]
             answer = e.reference if e.reference is not None else e.response
-            tin = counter.count_tokens(system, ask, model=model)
-            full = counter.count_tokens(system, ask + [{"role": "assistant", "content": answer}], model=model)
+            tin = counter.count_tokens(system, [{"role": "user", "content": e.prompt}], model=model)
+            both = [{"role": "user", "content": e.prompt + REFERENCE_SEPARATOR + answer}]
             tins.append(tin)
-            touts.append(max(0, full - tin))
+            touts.append(max(0, counter.count_tokens(system, both, model=model) - tin))
         return big_model_cost_per_1k(model, tins, touts)
 
     def _big_model_cost_safe(self, system: str, examples: list[Example]) -> float | None:
@@ -362,25 +416,23 @@ class DeployService:
             return dep
         leftover = self._teardown(dep)
         if leftover:
-            raise DeployError(f"Could not remove {endpoint_name(dep)}: {leftover}")
+            raise DeployError(redact(f"Could not remove {endpoint_name(dep)}: {leftover}", self.settings))
         return self._save(dep, status="removed", removed_at=utcnow())
 
     def _teardown(self, dep: Deployment) -> str:
-        """Delete endpoint then template; returns '' or what could not be deleted."""
-        problems: list[str] = []
+        """Delete the endpoint (the only part that bills) and hand the template to the
+        background cleaner; returns '' or why the endpoint could not be deleted."""
+        problem = ""
         if dep.endpoint_id:
             try:
                 self.client.delete_endpoint(dep.endpoint_id)
             except ServerlessError as exc:
-                problems.append(f"endpoint {dep.endpoint_id}: {exc}")
-        if dep.template_id and not problems:
-            try:
-                self.client.delete_template(template_name(dep))
-            except ServerlessError as exc:
-                problems.append(f"template {template_name(dep)}: {exc}")
-        for p in problems:
-            log.error("deploy teardown: %s", p)
-        return "; ".join(problems)
+                problem = f"endpoint {dep.endpoint_id}: {exc}"
+                log.error("deploy teardown: %s", redact(problem, self.settings))
+        if dep.template_id:
+            self.templates.schedule(template_name(dep), template_id=dep.template_id,
+                                    deployment_id=dep.id)
+        return problem
 
     def _save(self, dep: Deployment, **changes: Any) -> Deployment:
         with self.db.session() as s:

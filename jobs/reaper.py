@@ -13,6 +13,9 @@ it and is not already terminal) is marked "reaped", and its seconds are billed o
 `pod_billed:<id>` claim as jobs.training) up to the moment the reaper terminated it. A
 pod that cannot be terminated is skipped (logged) and retried on the next pass; nothing
 is billed for it until it really is terminated.
+
+With a TemplateCleaner, each pass (the start-up one included) also retries the deletion
+of serverless templates RunPod refused while they were "in use" (jobs.template_cleanup).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import threading
 from sqlmodel import select
 
 from jobs.runpod_api import POD_NAME_PREFIX, RunPodAPI
+from jobs.template_cleanup import TemplateCleaner
 from jobs.training import (
     ACTIVE_STATUSES,
     CREATE_LEASE_S,
@@ -99,9 +103,11 @@ class Reaper:
     """Runs reap() now and then every interval_s seconds on a daemon thread."""
 
     def __init__(self, db: Database, api: RunPodAPI, interval_s: float, *,
-                 creation_window_s: float = CREATION_WINDOW_S) -> None:
+                 creation_window_s: float = CREATION_WINDOW_S,
+                 templates: TemplateCleaner | None = None) -> None:
         self.db, self.api, self.interval_s = db, api, interval_s
         self.creation_window_s = creation_window_s
+        self.templates = templates
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.passes = 0
@@ -113,9 +119,18 @@ class Reaper:
         except Exception as exc:  # noqa: BLE001 - keep the loop alive; retry next interval
             log.warning("reaper pass failed: %s", type(exc).__name__)
             out = []
+        self._retry_templates()
         self.passes += 1
         self.reaped.extend(out)
         return out
+
+    def _retry_templates(self) -> None:
+        if self.templates is None:
+            return
+        try:
+            self.templates.retry_pending()
+        except Exception as exc:  # noqa: BLE001 - rows stay pending; retried next pass
+            log.warning("template clean-up pass failed: %s", type(exc).__name__)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -3,11 +3,26 @@ jobs over the serverless REST API (RUNPOD_ENDPOINT_BASE_URL, default https://api
 
 runpod==1.12.0 pastes values into GraphQL unescaped, so every string passed through it
 is escaped here first. Calls are synchronous; callers run them off the event loop.
+
+Job statuses (runpod/docs serverless/endpoints/job-states.mdx): IN_QUEUE, IN_PROGRESS
+and RUNNING (both "a worker has picked the job up"), then COMPLETED, FAILED, CANCELLED
+or TIMED_OUT. A COMPLETED job can still hold a worker error: worker-vllm answers engine
+and request errors as output items `{"error": {"message", "type", "code"}}`
+(runpod-workers/worker-vllm src/handler.py `_error`; before v2.10 src/engine.py yielded
+`{"error": create_error_response(...)}`), see `worker_error`.
+
+Deleting a template is refused while it is "in use" by a pod or endpoint, and for up
+to 2 minutes after its endpoint was deleted (runpod/docs sdks/graphql/manage-pod-templates.mdx,
+"Delete a template"; api-reference-v2/openapi.json deleteTemplate 400 "Template is in use
+by a pod or serverless endpoint and cannot be deleted"): `delete_template` raises
+TemplateInUse for that, and treats a template that is already gone as deleted.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from enum import Enum
 from typing import Any
 
 import runpod
@@ -18,13 +33,57 @@ from jobs.runpod_api import gql_escape
 from storage.settings import Settings
 
 DEFAULT_ENDPOINT_BASE = "https://api.runpod.ai/v2"
-TERMINAL_OK = "COMPLETED"
-TERMINAL_BAD = frozenset({"FAILED", "CANCELLED", "TIMED_OUT"})
-PENDING = frozenset({"IN_QUEUE", "IN_PROGRESS"})
+
+
+class JobStatus(str, Enum):
+    """A serverless job's status as /run, /status and /cancel report it."""
+
+    IN_QUEUE = "IN_QUEUE"
+    IN_PROGRESS = "IN_PROGRESS"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    TIMED_OUT = "TIMED_OUT"
+
+    @classmethod
+    def parse(cls, value: object) -> JobStatus | None:
+        """The status named `value`, or None for one RunPod does not document."""
+        try:
+            return cls(str(value))
+        except ValueError:
+            return None
+
+
+PENDING: frozenset[JobStatus] = frozenset({JobStatus.IN_QUEUE, JobStatus.IN_PROGRESS, JobStatus.RUNNING})
+TERMINAL_OK = JobStatus.COMPLETED
+TERMINAL_BAD: frozenset[JobStatus] = frozenset({JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMED_OUT})
+_IN_USE = re.compile(r"\bin use\b", re.IGNORECASE)
+_GONE = re.compile(r"not found|does not exist|doesn't exist", re.IGNORECASE)
 
 
 class ServerlessError(RuntimeError):
     """A RunPod serverless API call failed."""
+
+
+class TemplateInUse(ServerlessError):
+    """RunPod refused to delete a template still (or until recently) used by an endpoint."""
+
+
+def worker_error(output: Any) -> str | None:
+    """The message of the first error item in a job's output, or None when it holds none.
+
+    worker-vllm yields `{"error": {"message": ...}}` (current) or `{"error": "..."}`;
+    RunPod aggregates a streaming handler's yields into a list.
+    """
+    items = output if isinstance(output, list) else [output]
+    for item in items:
+        if isinstance(item, dict) and item.get("error"):
+            err = item["error"]
+            if isinstance(err, dict):
+                return str(err.get("message") or err.get("type") or err)
+            return str(err)
+    return None
 
 
 class ServerlessClient:
@@ -77,7 +136,9 @@ class ServerlessClient:
         workers_min: int = 0,
         workers_max: int = 1,
         idle_timeout: int = 5,
+        allowed_cuda_versions: str = "",
     ) -> str:
+        """`allowed_cuda_versions`: comma-separated host CUDA versions ("" = any)."""
         try:
             out = runpod.create_endpoint(
                 name=gql_escape(name),
@@ -86,6 +147,7 @@ class ServerlessClient:
                 idle_timeout=int(idle_timeout),
                 workers_min=int(workers_min),
                 workers_max=int(workers_max),
+                allowed_cuda_versions=gql_escape(allowed_cuda_versions) or None,
             )
         except Exception as exc:
             raise ServerlessError(f"could not create endpoint {name}: {exc}") from exc
@@ -113,7 +175,17 @@ class ServerlessClient:
         self._gql(f'mutation {{ deleteEndpoint(id: "{eid}") }}')
 
     def delete_template(self, template_name: str) -> None:
-        self._gql(f'mutation {{ deleteTemplate(templateName: "{gql_escape(template_name)}") }}')
+        """Delete by name; TemplateInUse while RunPod still counts it as used, and a
+        template that no longer exists counts as deleted (a retry after a success)."""
+        try:
+            self._gql(f'mutation {{ deleteTemplate(templateName: "{gql_escape(template_name)}") }}')
+        except ServerlessError as exc:
+            text = str(exc)
+            if _IN_USE.search(text):
+                raise TemplateInUse(text) from exc.__cause__
+            if _GONE.search(text):
+                return
+            raise
 
     # --------------------------------------------------------------- REST
     def _post(self, path: str, body: dict[str, Any], timeout: int = 30) -> dict[str, Any]:

@@ -137,6 +137,23 @@ class Deployment(SQLModel, table=True):
     removed_at: datetime | None = None
 
 
+class TemplateCleanup(SQLModel, table=True):
+    """A serverless template still to delete once RunPod stops counting it as in use
+    (refused for up to ~2 minutes after its endpoint is deleted). Templates do not bill;
+    the row survives restarts so the reaper finishes the job."""
+
+    __tablename__ = "template_cleanup"
+    id: int | None = Field(default=None, primary_key=True)
+    template_name: str = Field(index=True, unique=True)
+    template_id: str | None = None
+    deployment_id: int | None = Field(default=None, foreign_key="deployment.id")
+    attempts: int = 0
+    last_error: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+    done_at: datetime | None = None  # deleted (or found already gone)
+    gave_up_at: datetime | None = None  # too many refusals: left to the RunPod console
+
+
 class SpendEntry(SQLModel, table=True):
     __tablename__ = "spend_entry"
     id: int | None = Field(default=None, primary_key=True)

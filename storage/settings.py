@@ -39,7 +39,16 @@ class Settings(BaseSettings):
     # a finished (or never started) pod that hears nothing from the bot this long removes
     # itself with the pod-scoped runpodctl key: a dead bot can't keep a GPU billing
     tuner_pod_idle_timeout_s: int = 3600
-    tuner_vllm_image: str = "runpod/worker-v1-vllm:v2.7.0stable-cuda12.1.0"
+    # worker-vllm v2.25.2 (vLLM 0.27.1; runpod-workers/worker-vllm release tag, pushed as
+    # runpod/worker-v1-vllm:<tag>). Its hub listing runs it on CUDA 13.0 hosts only
+    # (.runpod/hub.json allowedCudaVersions), so endpoints ask for those ("" = any host).
+    tuner_vllm_image: str = "runpod/worker-v1-vllm:v2.25.2"
+    tuner_vllm_cuda_versions: str = "13.0"
+    # comma-separated serverless GPU pool ids; empty = the cheapest pools that hold the model
+    tuner_serverless_gpu_ids: str = ""
+    # how long a deleted endpoint's template is retried in the background before the
+    # reaper takes over (RunPod refuses it for up to ~2 minutes)
+    tuner_template_retry_s: float = 300.0
     # JSON object merged into the pod TrainConfig (e.g. {"max_steps": 200}); tests use
     # {"tiny_random_model": true} so the pod program trains a tiny local model on CPU.
     tuner_train_overrides: str = ""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from sqlmodel import select
 from pydantic import BaseModel
+from sqlmodel import select
 
 from agent.spec import DEFINE_SYSTEM, DefineTurn
 from jobs.claude import ClaudeAPIError, ClaudeClient
@@ -15,7 +15,13 @@ from storage import spend
 from storage.db import Database
 from storage.models import SpendEntry
 from storage.settings import Settings
-from tests.fakes.anthropic_fake import API_KEY, FakeAnthropic, Reply, schema_title, system_text
+from tests.fakes.anthropic_fake import (
+    API_KEY,
+    FakeAnthropic,
+    Reply,
+    schema_title,
+    system_text,
+)
 
 
 class Verdict(BaseModel):
@@ -218,3 +224,58 @@ def test_count_tokens_errors_are_clear(db):
             sdk.messages.count_tokens(model="claude-sonnet-4-6", messages=[{"role": "user", "content": "q"}],
                                       extra_body={"max_tokens": 10})
         assert fake.count_requests == []
+
+
+def test_fake_rejects_unknown_model_ids_as_the_api_does(db):
+    """404 not_found_error "model: <id>" for an id outside the SDK's model list, on both routes."""
+    import anthropic
+
+    from tests.fakes.anthropic_fake import KNOWN_MODELS
+
+    bad = "claude-sonnet-9-9"
+    assert bad not in KNOWN_MODELS
+    ask = [{"role": "user", "content": "q"}]
+    with FakeAnthropic.running(lambda req: json.dumps({"winner": "A", "reason": "r"})) as fake:
+        sdk = anthropic.Anthropic(api_key=API_KEY, base_url=fake.base_url, max_retries=0)
+        with pytest.raises(anthropic.NotFoundError) as ei:
+            sdk.messages.create(model=bad, max_tokens=10, messages=ask)
+        assert ei.value.status_code == 404
+        assert ei.value.body["error"] == {"type": "not_found_error", "message": f"model: {bad}"}
+        assert ei.value.body["type"] == "error" and ei.value.body["request_id"].startswith("req_")
+        with pytest.raises(anthropic.NotFoundError, match=f"model: {bad}"):
+            sdk.messages.count_tokens(model=bad, messages=ask)
+        client = _client(fake, db)
+        with pytest.raises(ClaudeAPIError, match=f"404: not_found_error: model: {bad}"):
+            client.structured(system="s", messages=ask, schema=Verdict, purpose="p", model=bad)
+        with pytest.raises(ClaudeAPIError, match="404"):
+            client.count_tokens("s", ask, model=bad)
+        assert fake.requests == []  # refused requests are not served
+        client.structured(system="s", messages=ask, schema=Verdict, purpose="p")  # the default is real
+
+
+def test_fake_rejects_prefill_on_models_without_it(db):
+    """A conversation ending in an assistant turn is a 400 on claude-sonnet-4-6 (no prefill),
+    on /v1/messages and /v1/messages/count_tokens; a 4.5 model still accepts it."""
+    import anthropic
+
+    from tests.fakes.anthropic_fake import PREFILL_UNSUPPORTED
+
+    prefill = [{"role": "user", "content": "Answer A or B."}, {"role": "assistant", "content": "The answer is"}]
+    with FakeAnthropic.running(lambda req: " A") as fake:
+        sdk = anthropic.Anthropic(api_key=API_KEY, base_url=fake.base_url, max_retries=0)
+        for call in (lambda m: sdk.messages.create(model=m, max_tokens=10, messages=prefill),
+                     lambda m: sdk.messages.count_tokens(model=m, messages=prefill)):
+            with pytest.raises(anthropic.BadRequestError) as ei:
+                call("claude-sonnet-4-6")
+            assert ei.value.body["error"] == {"type": "invalid_request_error", "message": PREFILL_UNSUPPORTED}
+            call("claude-haiku-4-5")  # supports prefill: accepted
+        with pytest.raises(ClaudeAPIError, match="400: invalid_request_error: This model does not support"):
+            _client(fake, db).count_tokens("s", prefill)
+
+
+def test_configured_model_ids_are_real():
+    """Every Claude id the settings default to is one the SDK (and so the API) knows."""
+    from tests.fakes.anthropic_fake import KNOWN_MODELS
+
+    s = Settings(_env_file=None)
+    assert {s.tuner_claude_model, s.tuner_judge_model} <= KNOWN_MODELS

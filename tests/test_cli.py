@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from sqlmodel import select
 
 from bot import cli
 from bot.handlers import COMMANDS, EVENTS, MANIFEST_BOT_EVENTS, REQUIRED_SCOPES
@@ -152,6 +153,40 @@ def test_wiring_builds_with_fakes_and_runs_startup(tmp_path: Path, fakes) -> Non
             time.sleep(0.1)
         with wired.db.session() as s:
             assert s.get(NightlyRun, 1).status == "failed"
+    finally:
+        wired.close()
+
+
+def test_startup_reaper_pass_deletes_templates_left_pending(tmp_path: Path, fakes) -> None:
+    """A template RunPod still refused when the last process stopped is deleted by the
+    start-up reaper pass of the next one (the pending deletion is a stored row)."""
+    from bot.wiring import build
+    from storage.models import TemplateCleanup
+    from tests.fakes.runpod_serverless_fake import FakeServerless
+
+    slack, anthropic, runpod = fakes
+    sl = FakeServerless(api_key=runpod.api_key)  # its GraphQL served through FakeRunPod's
+    runpod.add_graphql_handler(sl.graphql)
+    out = sl.graphql('mutation { saveTemplate(input: { name: "tuner-p1-d1-tpl", imageName: "img", '
+                     'env: [], isServerless: true, containerDiskInGb: 35 }) { id } }')
+    assert out is not None and "data" in out and sl.live_templates == ["tuner-p1-d1-tpl"]
+    settings = _settings(tmp_path, tuner_slack_api_url=slack.base_url,
+                         slack_bot_token=BOT_TOKEN, slack_signing_secret="sig",
+                         anthropic_api_key=ANTHROPIC_KEY, anthropic_base_url=anthropic.base_url,
+                         runpod_api_key=runpod.api_key, runpod_api_base_url=runpod.base_url,
+                         tuner_reaper_interval_s=3600)
+    with Database(settings.database_url).session() as s:
+        s.add(TemplateCleanup(template_name="tuner-p1-d1-tpl", attempts=3,
+                              last_error="Template is in use by a pod or serverless endpoint"))
+        s.commit()
+    wired = build(settings, artifacts_dir=tmp_path / "artifacts")
+    try:
+        assert wired.templates is not None and wired.reaper.templates is wired.templates
+        wired.start_background()
+        assert sl.live_templates == []
+        with wired.db.session() as s:
+            (row,) = s.exec(select(TemplateCleanup)).all()
+        assert row.done_at is not None and row.attempts == 4
     finally:
         wired.close()
 

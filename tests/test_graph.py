@@ -23,11 +23,17 @@ from jobs.claude import ClaudeClient
 from jobs.deploy import DeployService
 from jobs.judge import JudgeService
 from jobs.serverless import ServerlessClient
+from jobs.template_cleanup import TemplateCleaner
 from jobs.types import BudgetExceededError, LaunchEstimate, RunOutcome, RunSnapshot
 from storage.db import Database
 from storage.models import Dataset, Deployment, Example, Project, Run, TaskSpecRow
 from storage.settings import Settings
-from tests.fakes.anthropic_fake import API_KEY, FakeAnthropic, last_user_text, system_text
+from tests.fakes.anthropic_fake import (
+    API_KEY,
+    FakeAnthropic,
+    last_user_text,
+    system_text,
+)
 from tests.fakes.runpod_serverless_fake import FakeServerless
 
 TID = "T1:C1:100.1"
@@ -451,22 +457,35 @@ def test_mention_after_skip_starts_over_in_the_same_thread(env: Env) -> None:
         assert len(s.exec(select(Project)).all()) == 1
 
 
-def _use_serverless(env: Env, rp: FakeServerless, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Point the runner's deployer (real DeployService + SDK) at the serverless fake."""
+def _use_serverless(env: Env, rp: FakeServerless, monkeypatch: pytest.MonkeyPatch) -> TemplateCleaner:
+    """Point the runner's deployer (real DeployService + SDK, Claude's token counter) at the
+    serverless fake. The returned template cleaner must be closed before the fake stops."""
     monkeypatch.setenv("RUNPOD_API_BASE_URL", rp.base_url)
     monkeypatch.setenv("RUNPOD_ENDPOINT_BASE_URL", rp.endpoint_base_url)
     settings = env.settings.model_copy(update={
         "runpod_api_key": SecretStr("rp-key"), "runpod_api_base_url": rp.base_url,
         "runpod_endpoint_base_url": rp.endpoint_base_url, "tuner_hf_namespace": "acme"})
-    env.runner.ctx.deployer = DeployService(env.db, settings, ServerlessClient(settings),
-                                            poll_s=0.0)
+    client = ServerlessClient(settings)
+    cleaner = TemplateCleaner(env.db, client, window_s=30, first_delay_s=0.02, max_delay_s=0.2)
+    env.runner.ctx.deployer = DeployService(env.db, settings, client, poll_s=0.0,
+                                            token_counter=env.runner.ctx.llm, templates=cleaner)
+    return cleaner
+
+
+def _wait_for(cond: Callable[[], Any], timeout: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 def test_deploy_and_undeploy_through_serverless_fake(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with FakeServerless.running(api_key="rp-key") as rp:
-        _use_serverless(env, rp, monkeypatch)
+        cleaner = _use_serverless(env, rp, monkeypatch)
         env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1", text="triage")
         assert env.runner.import_file(TID, "U1", "tickets.jsonl", JSONL.encode())
         iid = env.only_pending("launch")
@@ -487,10 +506,21 @@ def test_deploy_and_undeploy_through_serverless_fake(
         post = env.notifier.texts("say")[-1]
         assert f"endpoint `{dep.endpoint_id}`" in post and "curl" in post
         assert "Cost per 1k requests: $" in post and "rp-key" not in post
+        # the big model's side is measured with the default (no-prefill) Claude model, not "–"
+        assert re.search(r"Cost per 1k requests: \$[\d.]+ vs \$[\d.]+ on the big model", post), post
+        assert env.fake.count_requests and all(
+            r["model"] == env.settings.tuner_claude_model and r["messages"][-1]["role"] == "user"
+            for r in env.fake.count_requests)
+        # RunPod refuses the template right after the endpoint goes: Undeploy still succeeds
+        rp.template_in_use_s = 2.0
         assert env.runner.resume(TID, iid, {"action": "undeploy", "user": "UADMIN"})
         assert rp.live_endpoints == [] and env.runner.pending(TID) == []
+        assert "Endpoint removed" in env.notifier.texts("say")[-1]
+        assert not any("Undeploying failed" in t for t in env.notifier.texts("error"))
         with env.db.session() as s:
             assert s.exec(select(Deployment)).one().status == "removed"
+        _wait_for(lambda: rp.live_templates == [])
+        cleaner.close()
 
 
 def test_deploy_step_rerun_reuses_the_healthy_endpoint(
@@ -499,7 +529,7 @@ def test_deploy_step_rerun_reuses_the_healthy_endpoint(
     """The deploy succeeded but posting about it failed (or the bot died): clicking
     Deploy again must not start a second billing endpoint."""
     with FakeServerless.running(api_key="rp-key") as rp:
-        _use_serverless(env, rp, monkeypatch)
+        cleaner = _use_serverless(env, rp, monkeypatch)
         env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1", text="triage")
         assert env.runner.import_file(TID, "U1", "tickets.jsonl", JSONL.encode())
         assert env.runner.resume(TID, env.only_pending("launch"), {"action": "launch", "user": "UADMIN"})
@@ -521,6 +551,7 @@ def test_deploy_step_rerun_reuses_the_healthy_endpoint(
         assert rp.live_endpoints == first and len(first) == 1
         with env.db.session() as s:
             assert len(s.exec(select(Deployment)).all()) == 1
+        cleaner.close()
 
 
 def test_reimporting_an_overlapping_file_keeps_the_whole_dataset(env: Env) -> None:

@@ -7,9 +7,22 @@ Speaks the documented wire format:
                          ones (e.g. max_tokens) are a 400 "Extra inputs are not permitted",
                          as on the API. N comes from `count_request_tokens` below.
   GET  /v1/models    -> {"data":[{"type":"model","id",...}],"has_more","first_id","last_id"}
-  errors             -> {"type":"error","error":{"type":...,"message":...}} with the status
-                         the API uses (401 authentication_error, 429 rate_limit_error with a
-                         retry-after header, 400 invalid_request_error, 404 not_found_error).
+  errors             -> {"type":"error","error":{"type":...,"message":...},"request_id":...}
+                         with the status the API uses (401 authentication_error, 429
+                         rate_limit_error with a retry-after header, 400
+                         invalid_request_error, 404 not_found_error).
+
+Model checks, on /v1/messages and /v1/messages/count_tokens alike:
+- a model id outside the SDK's own list (anthropic/types/model_param.py `ModelParam`,
+  read from the installed SDK) is a 404 not_found_error "model: <id>" (the API's answer
+  for an unknown id, e.g. anthropics/claude-code issues 5349 and 6169);
+- messages ending in an assistant turn (prefill) on a model without prefill support are
+  a 400 invalid_request_error "This model does not support assistant message prefill.
+  The conversation must end with a user message." (message as logged from the API in
+  jobrunr/JavaClaw issue 36; the SDK's MessageCountTokensParams.messages docstring says
+  such requests "return a 400 error", see platform.claude.com/docs/en/api/errors
+  #prefill-not-supported). Prefill is gone from Claude 4.6 on; the harsher reading is
+  taken: only the 4.5 ids in PREFILL_MODELS accept it.
 
 The fake tokenizer is deterministic and documented so tests can compute expected counts:
 a token is a run of word characters or one punctuation character (`_TOKEN`); a
@@ -28,6 +41,7 @@ import json
 import re
 import threading
 import time
+import typing
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -36,7 +50,15 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from anthropic.types import ModelParam
+
 API_KEY = "sk-ant-test-key"
+KNOWN_MODELS: frozenset[str] = frozenset(typing.get_args(typing.get_args(ModelParam)[0]))
+PREFILL_MODELS: frozenset[str] = frozenset({
+    "claude-opus-4-5", "claude-opus-4-5-20251101", "claude-haiku-4-5", "claude-haiku-4-5-20251001",
+}) & KNOWN_MODELS
+PREFILL_UNSUPPORTED = ("This model does not support assistant message prefill. "
+                       "The conversation must end with a user message.")
 MESSAGE_OVERHEAD_TOKENS = 3
 COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
 COUNT_TOKENS_FIELDS = frozenset({
@@ -210,7 +232,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _error(self, status: int, etype: str, message: str, headers: dict[str, str] | None = None):
-        self._send(status, {"type": "error", "error": {"type": etype, "message": message}}, headers)
+        body = {"type": "error", "error": {"type": etype, "message": message},
+                "request_id": "req_" + uuid.uuid4().hex[:24]}
+        self._send(status, body, headers)
+
+    def _model_refused(self, body: dict[str, Any]) -> bool:
+        """404 for an unknown model id, 400 for prefill on a model without it (sent here)."""
+        model = body.get("model")
+        if not isinstance(model, str) or model not in KNOWN_MODELS:
+            self._error(404, "not_found_error", f"model: {model}")
+            return True
+        msgs = body.get("messages")
+        last = msgs[-1] if isinstance(msgs, list) and msgs else None
+        if isinstance(last, dict) and last.get("role") == "assistant" and model not in PREFILL_MODELS:
+            self._error(400, "invalid_request_error", PREFILL_UNSUPPORTED)
+            return True
+        return False
 
     def _authed(self) -> bool:
         # The API takes `x-api-key`; anthropic 2.x sends the key as `Authorization: Bearer`.
@@ -279,6 +316,8 @@ class _Handler(BaseHTTPRequestHandler):
             if required not in body:
                 self._error(400, "invalid_request_error", f"{required}: field required")
                 return
+        if self._model_refused(body):
+            return
         for banned in ("temperature", "top_p"):
             if banned in body:
                 self._error(
@@ -336,6 +375,8 @@ class _Handler(BaseHTTPRequestHandler):
             if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
                 self._error(400, "invalid_request_error", f"messages.{i}.role: must be user or assistant")
                 return
+        if self._model_refused(body):
+            return
         with owner._lock:
             owner.requests.append({**body, "_path": COUNT_TOKENS_PATH})
         self._send(200, {"input_tokens": count_request_tokens(body)})

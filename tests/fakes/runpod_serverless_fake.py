@@ -11,8 +11,30 @@ template/endpoint operations the runpod SDK (1.12.0) sends.
 quote is a syntax error, as on the real server).
 
 Behaviour knobs: `healthy=False` (jobs stay IN_QUEUE, no worker ever becomes ready),
-`smoke_fails=True` (jobs end FAILED), `queue_polls` / `progress_polls` (status polls
-spent in IN_QUEUE / IN_PROGRESS), `execution_ms`, `usage`.
+`smoke_fails=True` (jobs end `fail_status`: FAILED, or TIMED_OUT), `worker_error="..."`
+(jobs end COMPLETED with worker-vllm's error output), `queue_polls` / `running_polls` /
+`progress_polls` (status polls spent in IN_QUEUE / RUNNING / IN_PROGRESS),
+`template_in_use_s` (how long after its endpoint is deleted a template still counts as in
+use), `execution_ms`, `usage`, `clock` (the fake's time source).
+
+What the real service does that the fake copies, and where that is documented:
+- job statuses IN_QUEUE, IN_PROGRESS, RUNNING, COMPLETED, FAILED, CANCELLED, TIMED_OUT
+  (runpod/docs serverless/endpoints/job-states.mdx); /run -> {"id","status":"IN_QUEUE"},
+  /status -> {"id","status","delayTime","executionTime","output"} (ms; "error" when FAILED),
+  /cancel -> {"id","status":"CANCELLED"}, /health -> {"jobs":{completed,failed,inProgress,
+  inQueue,retried},"workers":{...}} (serverless/endpoints/operation-reference.mdx).
+- worker-vllm (runpod-workers/worker-vllm v2.25.x, src/handler.py): the legacy input
+  {"messages"|"prompt", "sampling_params"} is proxied to vLLM's /v1/chat/completions (or
+  /v1/completions) and the JSON answer yielded; RunPod aggregates the yields into a list
+  (src/main.py return_aggregate_stream=True), so COMPLETED output is
+  [<chat.completion with usage.prompt_tokens/completion_tokens>]. Bad input and vLLM
+  HTTP errors are yielded as {"error": {"message", "type": "worker_error", "code": None}}:
+  the job still ends COMPLETED. vLLM rejects max_tokens beyond MAX_MODEL_LEN with a 400.
+- deleteTemplate is refused while an endpoint uses the template and "up to 2 minutes"
+  after its most recent use (runpod/docs sdks/graphql/manage-pod-templates.mdx); the
+  message is api-reference-v2/openapi.json's deleteTemplate 400 description. The real
+  GraphQL wording is not documented; clients should match "in use" only.
+- deleteEndpoint needs workersMin = workersMax = 0 first.
 """
 
 from __future__ import annotations
@@ -21,7 +43,8 @@ import itertools
 import json
 import re
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -159,13 +182,25 @@ class _Job:
     status: str = "IN_QUEUE"
 
 
+PENDING_STATUSES = ("IN_QUEUE", "RUNNING", "IN_PROGRESS")
+TERMINAL_STATUSES = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
+TEMPLATE_IN_USE = "Template is in use by a pod or serverless endpoint and cannot be deleted"
+WORKER_INPUT_ERROR = ("Job input must contain one of: openai_input (+openai_route), "
+                      "route (+body), or prompt/messages.")
+
+
 @dataclass
 class FakeServerless:
     api_key: str = "rp-test-key"
     healthy: bool = True
     smoke_fails: bool = False
+    fail_status: str = "FAILED"  # or TIMED_OUT: how a failing job ends
+    worker_error: str | None = None  # COMPLETED with [{"error": {...}}] output
     queue_polls: int = 1
+    running_polls: int = 1
     progress_polls: int = 1
+    template_in_use_s: float = 1.0
+    clock: Callable[[], float] = time.monotonic
     execution_ms: int = 1500
     delay_ms: int = 800
     usage: dict[str, int] = field(default_factory=lambda: {"input": 24, "output": 16})
@@ -177,6 +212,8 @@ class FakeServerless:
     requests: list[tuple[str, str, Any]] = field(default_factory=list)  # (method, path, body)
     graphql_queries: list[str] = field(default_factory=list)
     status_log: list[str] = field(default_factory=list)  # statuses served by /status
+    template_delete_refusals: int = 0
+    endpoint_deleted_at: dict[str, float] = field(default_factory=dict)  # template id -> clock
     port: int = 0
 
     def __post_init__(self) -> None:
@@ -259,13 +296,15 @@ class FakeServerless:
             if ep.get("workersMin", 0) != 0 or ep.get("workersMax", 0) != 0:
                 raise ValueError("Endpoint must have min and max workers set to 0 before deletion")
             del self.endpoints[ep["id"]]
+            self.endpoint_deleted_at[str(ep.get("templateId"))] = self.clock()
             return None
         if op == "mutation" and name == "deleteTemplate":
             tpl = next((t for t in self.templates.values() if t["name"] == args.get("templateName")), None)
             if tpl is None:
                 raise ValueError(f"template {args.get('templateName')} not found")
-            if any(e.get("templateId") == tpl["id"] for e in self.endpoints.values()):
-                raise ValueError("Template is in use by an endpoint")
+            if self.template_in_use(tpl["id"]):
+                self.template_delete_refusals += 1
+                raise ValueError(TEMPLATE_IN_USE)
             del self.templates[tpl["id"]]
             return None
         if op == "query" and name == "myself":
@@ -275,12 +314,19 @@ class FakeServerless:
             return {"endpoints": [dict(e) for e in self.endpoints.values()]}
         return _UNHANDLED
 
+    def template_in_use(self, template_id: str) -> bool:
+        """Used by a live endpoint, or its endpoint went less than template_in_use_s ago."""
+        if any(e.get("templateId") == template_id for e in self.endpoints.values()):
+            return True
+        gone = self.endpoint_deleted_at.get(template_id)
+        return gone is not None and self.clock() - gone < self.template_in_use_s
+
     # ----------------------------------------------------------------- REST
     def _workers(self, endpoint_id: str) -> dict[str, int]:
-        active = any(j.endpoint_id == endpoint_id and j.status in ("IN_QUEUE", "IN_PROGRESS") for j in self.jobs.values())
+        active = any(j.endpoint_id == endpoint_id and j.status in PENDING_STATUSES for j in self.jobs.values())
         if not self.healthy:
             return {"idle": 0, "running": 0, "initializing": 0, "ready": 0, "throttled": 1 if active else 0, "unhealthy": 0}
-        busy = any(j.endpoint_id == endpoint_id and j.status == "IN_PROGRESS" for j in self.jobs.values())
+        busy = any(j.endpoint_id == endpoint_id and j.status in ("RUNNING", "IN_PROGRESS") for j in self.jobs.values())
         ever = any(j.endpoint_id == endpoint_id for j in self.jobs.values())
         return {
             "idle": 1 if ever and not busy else 0,
@@ -292,25 +338,56 @@ class FakeServerless:
         }
 
     def _advance(self, job: _Job) -> None:
-        if job.status in ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT") or not self.healthy:
+        if job.status in TERMINAL_STATUSES or not self.healthy:
             return
         job.polls += 1
-        if job.polls > self.queue_polls + self.progress_polls:
-            job.status = "FAILED" if self.smoke_fails else "COMPLETED"
-        elif job.polls > self.queue_polls:
+        running_until = self.queue_polls + self.running_polls
+        if job.polls > running_until + self.progress_polls:
+            job.status = self.fail_status if self.smoke_fails else "COMPLETED"
+        elif job.polls > running_until:
             job.status = "IN_PROGRESS"
+        elif job.polls > self.queue_polls:
+            job.status = "RUNNING"
 
     def _job_body(self, job: _Job) -> dict[str, Any]:
         body: dict[str, Any] = {"id": job.id, "status": job.status}
-        if job.status in ("IN_PROGRESS", "COMPLETED", "FAILED"):
+        if job.status in ("RUNNING", "IN_PROGRESS", "COMPLETED", "FAILED"):
             body["delayTime"] = self.delay_ms
         if job.status == "COMPLETED":
             body["executionTime"] = self.execution_ms
-            body["output"] = [{"choices": [{"tokens": [self.output_text]}], "usage": dict(self.usage)}]
+            body["output"] = [self._worker_output(job)]
         if job.status == "FAILED":
             body["executionTime"] = self.execution_ms
             body["error"] = "CUDA out of memory while loading the model"
         return body
+
+    def _worker_output(self, job: _Job) -> dict[str, Any]:
+        """What worker-vllm yields for the job's input (see the module docstring)."""
+        inp = job.payload if isinstance(job.payload, dict) else {}
+        if self.worker_error is not None:
+            return _worker_error(self.worker_error)
+        if inp.get("messages") is None and inp.get("prompt") is None:
+            return _worker_error(WORKER_INPUT_ERROR)
+        max_len = int(self._env(job.endpoint_id).get("MAX_MODEL_LEN") or 0)
+        want = int((inp.get("sampling_params") or {}).get("max_tokens") or 0)
+        if max_len and want >= max_len:
+            detail = json.dumps({"object": "error", "type": "BadRequestError", "code": 400,
+                                 "message": f"This model's maximum context length is {max_len} tokens. "
+                                            f"However, you requested {want} output tokens."})
+            return _worker_error(f"vLLM returned HTTP 400: {detail}")
+        u = self.usage
+        return {
+            "id": f"chatcmpl-{job.id}", "object": "chat.completion", "created": 0,
+            "model": self._env(job.endpoint_id).get("MODEL_NAME", ""),
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": self.output_text}}],
+            "usage": {"prompt_tokens": u["input"], "completion_tokens": u["output"],
+                      "total_tokens": u["input"] + u["output"]},
+        }
+
+    def _env(self, endpoint_id: str) -> dict[str, str]:
+        ep = self.endpoints.get(endpoint_id) or {}
+        return dict((self.templates.get(str(ep.get("templateId"))) or {}).get("env") or {})
 
     def rest(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         parts = path.strip("/").split("/")
@@ -325,7 +402,7 @@ class FakeServerless:
                 counts = {
                     "completed": sum(j.status == "COMPLETED" for j in jobs),
                     "failed": sum(j.status == "FAILED" for j in jobs),
-                    "inProgress": sum(j.status == "IN_PROGRESS" for j in jobs),
+                    "inProgress": sum(j.status in ("RUNNING", "IN_PROGRESS") for j in jobs),
                     "inQueue": sum(j.status == "IN_QUEUE" for j in jobs),
                     "retried": 0,
                 }
@@ -336,7 +413,7 @@ class FakeServerless:
                 job = _Job(self._new_id("job-"), eid, body["input"])
                 self.jobs[job.id] = job
                 if rest == ["runsync"]:
-                    for _ in range(self.queue_polls + self.progress_polls + 1):
+                    for _ in range(self.queue_polls + self.running_polls + self.progress_polls + 1):
                         self._advance(job)
                     return 200, self._job_body(job)
                 return 200, {"id": job.id, "status": "IN_QUEUE"}
@@ -352,11 +429,11 @@ class FakeServerless:
                 job = self.jobs.get(rest[1])
                 if job is None:
                     return 404, {"error": "job not found"}
-                if job.status in ("IN_QUEUE", "IN_PROGRESS"):
+                if job.status in PENDING_STATUSES:
                     job.status = "CANCELLED"
                 return 200, {"id": job.id, "status": job.status}
             if method == "POST" and rest == ["openai", "v1", "chat", "completions"]:
-                if not self.healthy or self.smoke_fails:
+                if not self.healthy or self.smoke_fails or self.worker_error is not None:
                     return 500, {"error": "worker unavailable"}
                 model = self.templates[self.endpoints[eid]["templateId"]]["env"].get("MODEL_NAME", "")
                 if body.get("model") != model:
@@ -387,6 +464,11 @@ class FakeServerless:
         finally:
             server.shutdown()
             server.server_close()
+
+
+def _worker_error(message: str) -> dict[str, Any]:
+    """worker-vllm's error item (src/handler.py `_error`)."""
+    return {"error": {"message": message, "type": "worker_error", "code": None}}
 
 
 class _Unhandled:
