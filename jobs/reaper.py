@@ -13,6 +13,11 @@ it and is not already terminal) is marked "reaped", and its seconds are billed o
 `pod_billed:<id>` claim as jobs.training) up to the moment the reaper terminated it. A
 pod that cannot be terminated is skipped (logged) and retried on the next pass; nothing
 is billed for it until it really is terminated.
+
+Pod status does not decide liveness here (the run does): a booting (CREATED, RESTARTING)
+pod of a live run is left alone like a RUNNING one, and an orphan bills whatever its
+status, so it is terminated. Pods RunPod already TERMINATED (it keeps listing them) are
+left out by RunPodAPI.list_pods: never terminated or reported again (jobs/podstatus.py).
 """
 
 from __future__ import annotations
