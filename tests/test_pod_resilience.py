@@ -96,7 +96,7 @@ def test_cloudflare_52x_burst_longer_than_old_tolerance_is_ridden_out(fake, db, 
     svc = service(db, tmp_path, tuner_pod_unreachable_grace_s=30)
     run_id = svc.launch(pid, did, user_id="U1")
     # old code: 5 failed polls (1 s at this poll interval) and 520/522/524 were fatal at once
-    hook = Outage(fake, (520, 1.0), (524, 3.0), (522, 4.0))
+    hook = Outage(fake, (520, 1.0), (0, 1.5), (524, 3.0), (522, 4.0))  # 0: connection reset
     out = svc.run(run_id, hook)
     assert out.status == "succeeded", out.error
     texts = hook.unreachable_texts()
