@@ -101,8 +101,14 @@ def progress_text(snap: RunSnapshot, *, final: bool = False) -> str:
     if not final and snap.eta_s is not None:
         tail = f"ETA {max(snap.eta_s, 0) / 60:.0f} min · " + tail
     lines.append(tail)
+    if not final and snap.unreachable_s is not None:
+        lines.append(f":hourglass: pod unreachable, retrying ({_ago(snap.unreachable_s)} so far)")
     lines += [f":warning: {w}" for w in snap.warnings]
     return "\n".join(lines)
+
+
+def _ago(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 class _Watch:

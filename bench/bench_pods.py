@@ -42,6 +42,8 @@ from tests.test_training import TRAIN_CFG, seed  # noqa: E402
 def settings(**kw: object) -> Settings:
     return Settings(_env_file=None, tuner_gpu_types="NVIDIA RTX A5000", tuner_cloud_types="SECURE",
                     tuner_poll_interval_s=0.2, tuner_pod_ready_timeout_s=120,
+                    # RunPod retry backoff scaled down like the poll interval
+                    tuner_runpod_backoff_s=0.05, tuner_runpod_backoff_max_s=1.0,
                     tuner_train_overrides=json.dumps(kw or TRAIN_CFG))
 
 

@@ -94,13 +94,14 @@ def check_runpod(settings: Settings) -> Check:
     name = "RUNPOD_API_KEY"
     if settings.runpod_api_key is None:
         return Check(name, MISSING, "set RUNPOD_API_KEY (training and deployment need it)")
-    from runpod import error as rp_error
-
     from jobs.runpod_api import RunPodAPI
+    from jobs.types import RunPodAuthError, RunPodError, RunPodTransientError
 
-    try:
-        pods = RunPodAPI(settings).list_pods()
-    except (rp_error.AuthenticationError, rp_error.QueryError) as e:
+    try:  # one try: the doctor reports, it does not wait out an outage
+        pods = RunPodAPI(settings.model_copy(update={"tuner_runpod_attempts": 1})).list_pods()
+    except RunPodTransientError as e:
+        return Check(name, FAILED, _clean(settings, str(e)))
+    except (RunPodAuthError, RunPodError) as e:
         return Check(name, REJECTED, _clean(settings, str(e)))
     return Check(name, OK, f"GraphQL reachable, {len(pods)} pod(s) on the account")
 

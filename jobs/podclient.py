@@ -2,6 +2,14 @@
 
 The bearer token travels only in the Authorization header; it never appears in
 exception messages or logs (URLs carry no secrets).
+
+Pod traffic goes User -> Cloudflare -> RunPod load balancer -> pod (runpod/docs
+pods/configuration/expose-ports.mdx), so besides the proxy's 404 (no such pod/port yet)
+and 502/503/504, Cloudflare's own 52x codes mean "not reachable right now": 520 unknown
+origin error, 521 down, 522 connect timeout, 523 unreachable, 524 no answer within 100 s,
+525/526 TLS, 530 (https://developers.cloudflare.com/support/troubleshooting/
+http-status-codes/cloudflare-5xx-errors/). Their bodies are HTML pages, as is any other
+page an edge may serve in place of our JSON: a non-JSON answer is "unreachable" too.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import httpx
 from jobs.podproto import JobRequest, Progress, Results
 
 # Proxy answers meaning "the pod's server is not (yet / any more) reachable".
-_UNREACHABLE_STATUS = {404, 502, 503, 504}
+UNREACHABLE_STATUS = frozenset({404, 502, 503, 504, 520, 521, 522, 523, 524, 525, 526, 530})
 
 
 class PodError(RuntimeError):
@@ -57,11 +65,14 @@ class PodClient:
         except httpx.HTTPError as exc:
             # Only the exception type: httpx messages are safe, but keep them short.
             raise PodUnreachable(f"{method} {path}: {type(exc).__name__}") from None
-        if resp.status_code in _UNREACHABLE_STATUS:
+        if resp.status_code in UNREACHABLE_STATUS:
             raise PodUnreachable(f"{method} {path}: HTTP {resp.status_code}", resp.status_code)
         if resp.status_code >= 400:
-            detail = resp.text[:200].replace("\n", " ")
-            raise PodError(f"{method} {path}: HTTP {resp.status_code} {detail}", resp.status_code)
+            # an edge's HTML error page is noise in a Slack message: the status says enough
+            html = "html" in resp.headers.get("content-type", "").lower()
+            detail = "" if html else resp.text[:200].replace("\n", " ")
+            raise PodError(f"{method} {path}: HTTP {resp.status_code} {detail}".rstrip(),
+                           resp.status_code)
         return resp
 
     def health(self) -> bool:
@@ -92,18 +103,26 @@ class PodClient:
                 raise PodUnreachable(f"pod control server not ready after {timeout:.0f}s")
             time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
 
+    def _json(self, method: str, path: str, *, json: object | None = None) -> object:
+        resp = self._request(method, path, json=json)
+        try:
+            return resp.json()
+        except ValueError:  # an edge's HTML page with a 2xx status, or a cut-off body
+            raise PodUnreachable(f"{method} {path}: HTTP {resp.status_code} answer is not JSON",
+                                 resp.status_code) from None
+
     def submit(self, job: JobRequest) -> Progress:
-        resp = self._request("POST", "/job", json=job.model_dump(mode="json"))
-        return Progress.model_validate(resp.json())
+        """Idempotent on the pod (same job_id -> 200), so safe to send again."""
+        return Progress.model_validate(self._json("POST", "/job", json=job.model_dump(mode="json")))
 
     def progress(self) -> Progress:
-        return Progress.model_validate(self._request("GET", "/progress").json())
+        return Progress.model_validate(self._json("GET", "/progress"))
 
     def stop(self) -> Progress:
-        return Progress.model_validate(self._request("POST", "/stop").json())
+        return Progress.model_validate(self._json("POST", "/stop"))
 
     def results(self) -> Results:
-        return Results.model_validate(self._request("GET", "/results").json())
+        return Results.model_validate(self._json("GET", "/results"))
 
     def artifact(self, name: str) -> bytes:
         return self._request("GET", f"/artifacts/{name}").content

@@ -16,6 +16,10 @@ is billed for it until it really is terminated.
 
 With a TemplateCleaner, each pass (the start-up one included) also retries the deletion
 of serverless templates RunPod refused while they were "in use" (jobs.template_cleanup).
+Pod status does not decide liveness here (the run does): a booting (CREATED, RESTARTING)
+pod of a live run is left alone like a RUNNING one, and an orphan bills whatever its
+status, so it is terminated. Pods RunPod already TERMINATED (it keeps listing them) are
+left out by RunPodAPI.list_pods: never terminated or reported again (jobs/podstatus.py).
 """
 
 from __future__ import annotations

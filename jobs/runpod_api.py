@@ -11,6 +11,16 @@ Facts this wrapper handles:
 - `create_pod` raises `runpod.error.QueryError` when no GPU of that type/cloud is free.
 - `runpod.error.QueryError.query` holds the whole mutation (including env secrets): it is
   never logged or re-raised from here.
+- Every SDK call goes through jobs.runpod_retry: failures come out typed (transient / no
+  capacity / auth / request, jobs.types) and transient ones are retried with bounded
+  backoff (429 waits its Retry-After). Only RunPod's real no-capacity answers move
+  create_pod_with_fallback to the next GPU/cloud.
+- A create whose answer is lost (5xx, HTML page, reset, timeout) may still have made the
+  pod (RunPod creates, then fails reading it back: transformerlab-app PR 2305), so before
+  any new try the pod is looked up by name: it is adopted, never created twice. If even
+  the lookup fails, the create gives up: a pod made meanwhile has no run and the reaper
+  (jobs/reaper.py) terminates it.
+- Prices survive API trouble: retried briefly, then the list price (is_live=False).
 """
 
 from __future__ import annotations
@@ -19,12 +29,22 @@ import json
 import logging
 import os
 import threading
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import runpod
-from runpod import error as rp_error
 
-from jobs.types import GpuChoice, NoCapacityError
+from jobs import podstatus
+from jobs.podproto import TOKEN_ENV
+from jobs.runpod_retry import RetryPolicy, sdk_call, with_retries
+from jobs.types import (
+    GpuChoice,
+    NoCapacityError,
+    RunPodError,
+    RunPodRequestError,
+    RunPodTransientError,
+)
 from storage.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,6 +65,12 @@ FALLBACK_PRICES: dict[str, float] = {
 }
 
 _KEY_LOCK = threading.Lock()
+# The launch card waits for at most PRICE_ATTEMPTS lookups (each wait <= PRICE_MAX_WAIT_S,
+# even if Retry-After asks for more), then shows the list price.
+PRICE_ATTEMPTS = 3
+PRICE_MAX_WAIT_S = 5.0
+PRICE_OUTAGE_S = 60.0
+T = TypeVar("T")
 
 
 def gql_escape(value: object) -> str:
@@ -63,14 +89,37 @@ class RunPodAPI:
         # The SDK reads this env var itself; settings may have it from a .env file.
         if settings.runpod_api_base_url:
             os.environ.setdefault("RUNPOD_API_BASE_URL", settings.runpod_api_base_url)
+        self.policy = RetryPolicy(
+            attempts=settings.tuner_runpod_attempts, base_s=settings.tuner_runpod_backoff_s,
+            max_s=settings.tuner_runpod_backoff_max_s,
+        )
+        self._price_outage_until = 0.0
+
+    def _call(self, fn: Callable[[], T], what: str, *, attempts: int | None = None) -> T:
+        policy = self.policy
+        if attempts is not None:
+            policy = RetryPolicy(attempts=attempts, base_s=policy.base_s, max_s=policy.max_s)
+        return with_retries(fn, policy, what)
 
     # ------------------------------------------------------------------ prices
     def gpu_info(self, gpu_type: str) -> dict[str, Any] | None:
-        try:
-            return runpod.get_gpu(gql_escape(gpu_type), api_key=self._key)
-        except (ValueError, rp_error.QueryError) as exc:
-            log.info("no GPU info for %s: %s", gpu_type, exc)
+        """The GPU type's record, or None (unknown type, or RunPod unavailable after a few
+        quick retries: prices then fall back to the list price). After such an outage the
+        next PRICE_OUTAGE_S of lookups answer None at once, so a launch card listing
+        several GPU types waits for one round of retries, not one per type."""
+        if time.monotonic() < self._price_outage_until:
             return None
+        policy = RetryPolicy(attempts=min(PRICE_ATTEMPTS, self.policy.attempts),
+                             base_s=self.policy.base_s, max_s=min(self.policy.max_s, PRICE_MAX_WAIT_S))
+        try:
+            return with_retries(lambda: runpod.get_gpu(gql_escape(gpu_type), api_key=self._key),
+                                policy, "RunPod GPU price")
+        except RunPodTransientError as exc:
+            self._price_outage_until = time.monotonic() + PRICE_OUTAGE_S
+            log.warning("no live price for %s, using the list price: %s", gpu_type, exc)
+        except RunPodError as exc:
+            log.info("no GPU info for %s: %s", gpu_type, exc)
+        return None
 
     @staticmethod
     def _price_of(info: dict[str, Any], cloud_type: str) -> float | None:
@@ -125,8 +174,8 @@ class RunPodAPI:
         tried: list[str] = []
         for gpu in gpus:
             for cloud in clouds:
-                try:
-                    pod = runpod.create_pod(
+                def create(gpu: str = gpu, cloud: str = cloud) -> dict[str, Any]:
+                    return runpod.create_pod(
                         name=gql_escape(name),
                         image_name=gql_escape(image),
                         gpu_type_id=gql_escape(gpu),
@@ -139,33 +188,81 @@ class RunPodAPI:
                         docker_args=gql_escape(docker_args),
                         start_ssh=False,
                     )
-                except (rp_error.QueryError, ValueError) as exc:
+
+                try:
+                    pod_id = self._create_or_adopt(name, env, create)
+                except NoCapacityError as exc:
                     # str(exc) is the server message only; exc.query holds secrets.
                     tried.append(f"{gpu}/{cloud}: {str(exc)[:160]}")
                     log.info("no capacity for %s/%s", gpu, cloud)
                     continue
-                pod_id = str(pod["id"])
                 price, _live = self.gpu_price(gpu, cloud)
                 return pod_id, GpuChoice(gpu, cloud.upper(), price or 0.0)
         raise NoCapacityError("no GPU available; tried " + "; ".join(tried or ["nothing"]))
 
-    def get_pod(self, pod_id: str) -> dict[str, Any] | None:
+    def _create_or_adopt(self, name: str, env: dict[str, str],
+                         create: Callable[[], dict[str, Any]]) -> str:
+        """One (gpu, cloud): create, retrying transient failures; after each failure whose
+        request may have created the pod, adopt the pod by name instead of creating again.
+        NoCapacityError: this candidate has none. Other RunPodErrors: give up."""
+        attempts = max(1, self.policy.attempts)
+        for attempt in range(attempts):
+            try:
+                return str(sdk_call(create, "RunPod create pod")["id"])
+            except RunPodTransientError as exc:
+                err = exc
+            log.warning("%s; looking for pod %s before trying again", err, name)
+            found = self._adopt(name, env, err)
+            if found is None and attempt + 1 < attempts:
+                time.sleep(self.policy.delay(attempt, err.retry_after))
+                found = self._adopt(name, env, err)  # a pod can show up in the list late
+            if found is not None:
+                return found
+        raise RunPodTransientError(
+            f"{err} - still failing after {attempts} tries; no pod named {name} exists",
+            retry_after=err.retry_after, status=err.status,
+        )
+
+    def _adopt(self, name: str, env: dict[str, str], cause: RunPodTransientError) -> str | None:
         try:
-            pod = runpod.get_pod(gql_escape(pod_id), api_key=self._key)
-        except rp_error.QueryError as exc:
+            found = self.find_pod(name, env)
+        except RunPodError as exc:
+            raise RunPodTransientError(
+                f"{cause}; and whether it made a pod is unknown ({exc}): not trying again "
+                "(a pod it made has no run, so the reaper removes it)"
+            ) from None
+        if found is not None:
+            log.warning("adopted pod %s (%s): its create answer was lost", found, name)
+        return found
+
+    def find_pod(self, name: str, env: dict[str, str] | None = None) -> str | None:
+        """Id of the alive pod with this name (and, when RunPod lists env, this pod token)."""
+        for pod in self.list_pods():
+            if pod.get("name") == name and podstatus.pod_is_alive(pod) and _env_matches(pod, env):
+                return str(pod["id"])
+        return None
+
+    def get_pod(self, pod_id: str, *, attempts: int | None = None) -> dict[str, Any] | None:
+        """The pod, or None once it is gone (not found, or TERMINATED)."""
+        try:
+            pod = self._call(lambda: runpod.get_pod(gql_escape(pod_id), api_key=self._key),
+                             "RunPod get pod", attempts=attempts)
+        except RunPodRequestError as exc:
             if "not found" in str(exc).lower():
                 return None
             raise
-        return pod or None
+        return None if podstatus.pod_is_deleted(pod) else pod
 
     def list_pods(self) -> list[dict[str, Any]]:
-        return list(runpod.get_pods(api_key=self._key) or [])
+        """Our account's pods that still exist (TERMINATED ones are left out)."""
+        pods = self._call(lambda: runpod.get_pods(api_key=self._key), "RunPod list pods")
+        return [p for p in pods or [] if not podstatus.pod_is_deleted(p)]
 
     def terminate_pod(self, pod_id: str) -> None:
-        """Terminate; a pod that is already gone is fine."""
+        """Terminate (transient failures retried); a pod that is already gone is fine."""
         try:
-            runpod.terminate_pod(gql_escape(pod_id))
-        except rp_error.QueryError:
+            self._call(lambda: runpod.terminate_pod(gql_escape(pod_id)), "RunPod terminate pod")
+        except RunPodError:
             if self.get_pod(pod_id) is None:
                 return
             raise
@@ -175,4 +272,18 @@ class RunPodAPI:
 
 
 def pod_is_alive(pod: dict[str, Any] | None) -> bool:
-    return bool(pod) and str(pod.get("desiredStatus", "RUNNING")).upper() == "RUNNING"
+    """Exists and is not terminal: booting (CREATED, RESTARTING...) counts (jobs.podstatus)."""
+    return podstatus.pod_is_alive(pod)
+
+
+def _env_matches(pod: dict[str, Any], env: dict[str, str] | None) -> bool:
+    """False only when RunPod lists the pod's env (as "KEY=value" strings, runpod/docs
+    sdks/graphql/manage-pods.mdx) and its pod token differs from ours: another attempt's
+    pod with the same name, whose server would refuse our token. Anything we cannot
+    tell apart counts as ours (a second pod is the costlier mistake)."""
+    want = (env or {}).get(TOKEN_ENV)
+    listed = pod.get("env")
+    if want is None or not isinstance(listed, list):
+        return True
+    have = dict(str(item).split("=", 1) for item in listed if "=" in str(item))
+    return have.get(TOKEN_ENV, want) == want

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
@@ -64,6 +64,7 @@ from storage.models import Example, MetricPoint, Project, Run, SlackEventClaim, 
 from storage.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ACTIVE_STATUSES = ("pending", "starting", "running")
 TERMINAL_RUN_STATUSES = ("succeeded", "failed", "stopped", "reaped")
@@ -71,7 +72,6 @@ TERMINAL_RUN_STATUSES = ("succeeded", "failed", "stopped", "reaped")
 # Warnings shown with progress.
 OVERFIT_CONSECUTIVE_RISES = 2  # eval loss rose this many evals in a row while train loss fell
 LOW_EVAL_LOSS = 0.3  # best eval loss below this: far under the usual 0.6-0.7 band
-MAX_UNREACHABLE_POLLS = 5  # consecutive failed polls before the pod counts as crashed
 MAX_EVAL_PROMPTS = 50
 # Pod creation lease: a pod token with no pod_id younger than this belongs to a process
 # that is creating the pod right now; older, its creator died (adopt by name or take over).
@@ -117,6 +117,10 @@ def pod_bundle_b64(root: Path | None = None) -> str:
     if len(out) > MAX_BUNDLE_B64:
         raise RuntimeError(f"pod bundle too large for a GraphQL value ({len(out)} chars)")
     return out
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 class _RunEnded(Exception):
@@ -363,12 +367,13 @@ class TrainingService:
             url = self.api.pod_url(pod_id)
             poll = self.settings.tuner_poll_interval_s
             # Re-attaching to a pod that already ran our job: its server was up, so a pod
-            # that stays unreachable counts as crashed after as many polls as in _poll.
-            timeout = MAX_UNREACHABLE_POLLS * poll if submitted else self.settings.tuner_pod_ready_timeout_s
+            # that stays unreachable counts as crashed after the same grace as in _poll.
+            grace = self.settings.tuner_pod_unreachable_grace_s
+            timeout = grace if submitted else self.settings.tuner_pod_ready_timeout_s
             with PodClient(url, run.pod_token or "") as client:
                 client.wait_ready(timeout, interval=min(2.0, poll),
                                   gone=lambda: self._pod_gone(pod_id or ""), gone_every_s=poll)
-                client.submit(job)
+                self._while_unreachable(lambda: client.submit(job), pod_id, "sending the job")
                 run = self._update(run_id, status="running")
                 outcome = self._poll(run, client, on_progress)
                 if outcome is None:
@@ -387,15 +392,35 @@ class TrainingService:
 
     def _pod_gone(self, pod_id: str) -> str | None:
         """Why RunPod says this pod can never answer again, or None (alive / API hiccup)."""
-        try:
-            pod = self.api.get_pod(pod_id)
+        try:  # one try: every caller asks again on its next round
+            pod = self.api.get_pod(pod_id, attempts=1)
         except Exception:  # noqa: BLE001 - an API hiccup is not a dead pod
             return None
         if pod is None:
             return f"pod {pod_id} is gone from RunPod"
-        if not pod_is_alive(pod):
+        if not pod_is_alive(pod):  # only a terminal status: a booting pod is alive
             return f"pod {pod_id} is {pod.get('desiredStatus')} on RunPod (its container exited)"
         return None
+
+    def _while_unreachable(self, call: Callable[[], T], pod_id: str, what: str) -> T:
+        """call(), tried again while the pod's proxy fails (Cloudflare 52x, 502-504, 404,
+        resets), for up to TUNER_POD_UNREACHABLE_GRACE_S; only safe for idempotent calls."""
+        grace = self.settings.tuner_pod_unreachable_grace_s
+        start = time.monotonic()
+        while True:
+            try:
+                return call()
+            except PodGone:
+                raise
+            except PodUnreachable as exc:
+                if (gone := self._pod_gone(pod_id)) is not None:
+                    raise PodGone(f"{gone} while {what}") from None
+                if time.monotonic() - start > grace:
+                    raise PodUnreachable(
+                        f"pod {pod_id} stopped answering for {_minutes(grace)} while {what} "
+                        f"({exc})"
+                    ) from None
+            time.sleep(min(1.0, self.settings.tuner_poll_interval_s))
 
     def _attach_or_create(self, run: Run) -> tuple[str, Run, bool]:
         """(pod_id, run, job_submitted_before). Exactly one process creates a pod for a run."""
@@ -415,10 +440,10 @@ class TrainingService:
                 if run.status == "running":  # it had our job: fail clearly, no silent re-spend
                     raise PodGone(f"{gone} while the bot was away; training was lost")
             elif run.pod_token:  # crashed between create and saving pod_id? adopt by name
-                for pod in self.api.list_pods():
-                    if pod.get("name") == pod_name(rid) and pod_is_alive(pod):
-                        log.info("run %s: adopting pod %s by name", rid, pod["id"])
-                        return str(pod["id"]), self._update(rid, pod_id=str(pod["id"])), False
+                found = self.api.find_pod(pod_name(rid), {TOKEN_ENV: run.pod_token})
+                if found is not None:
+                    log.info("run %s: adopting pod %s by name", rid, found)
+                    return found, self._update(rid, pod_id=found), False
             lease_over = pod_seconds(run) > CREATE_LEASE_S
             if run.pod_token is None or run.pod_id is not None or lease_over:
                 token = secrets.token_urlsafe(32)
@@ -465,7 +490,8 @@ class TrainingService:
               on_progress: Callable[[RunSnapshot], None]) -> RunOutcome | None:
         assert run.id is not None and run.pod_id is not None
         stop_sent = False
-        failures = 0
+        down_since: float | None = None  # the proxy has failed every poll since then
+        grace = self.settings.tuner_pod_unreachable_grace_s
         last: Progress | None = None
         while True:
             if not stop_sent and self._load(run.id).stop_requested:
@@ -476,17 +502,19 @@ class TrainingService:
                     pass
             try:
                 p = client.progress()
-                failures = 0
+                down_since = None
             except PodUnreachable as exc:
-                failures += 1
+                now = time.monotonic()
+                down_since = now if down_since is None else down_since
                 gone = self._pod_gone(run.pod_id)
                 if gone is not None:
                     raise PodGone(f"{gone} mid-training (pod disappeared or crashed)") from None
-                if failures >= MAX_UNREACHABLE_POLLS:
+                if now - down_since > grace:
                     raise PodUnreachable(
-                        f"pod {run.pod_id} stopped answering {failures} polls in a row ({exc}); "
-                        "the training process probably crashed"
+                        f"pod {run.pod_id} stopped answering for {_minutes(now - down_since)} "
+                        f"({exc}); the training process probably crashed or RunPod's proxy is down"
                     ) from None
+                self._notify(run, on_progress, self._snapshot(run, last, unreachable_s=now - down_since))
                 p = None
             if p is not None and p.job_id != f"run-{run.id}":
                 raise PodError(
@@ -496,24 +524,34 @@ class TrainingService:
             if p is not None:
                 last = p
                 self._store_metrics(run.id, p)
-                try:
-                    on_progress(self._snapshot(run, p))
-                except Exception:  # noqa: BLE001 - a UI failure must not kill training
-                    log.exception("on_progress callback failed for run %s", run.id)
+                self._notify(run, on_progress, self._snapshot(run, p))
                 if p.state in TERMINAL_STATES:
                     return self._finish(run, client, p)
             if self._detach.wait(self.settings.tuner_poll_interval_s):
                 log.info("run %s detached at step %s", run.id, last.step if last else 0)
                 return None
 
-    def _snapshot(self, run: Run, p: Progress) -> RunSnapshot:
+    @staticmethod
+    def _notify(run: Run, on_progress: Callable[[RunSnapshot], None], snap: RunSnapshot) -> None:
+        try:
+            on_progress(snap)
+        except Exception:  # noqa: BLE001 - a UI failure must not kill training
+            log.exception("on_progress callback failed for run %s", run.id)
+
+    def _snapshot(self, run: Run, p: Progress | None, *,
+                  unreachable_s: float | None = None) -> RunSnapshot:
+        """p: the pod's latest progress (None before its first answer)."""
+        cost = pod_seconds(run) * (run.price_per_hour or 0.0) / 3600.0
+        if p is None:
+            return RunSnapshot(run_id=int(run.id), state="starting", cost_usd=cost,  # type: ignore[arg-type]
+                               unreachable_s=unreachable_s)
         return RunSnapshot(
             run_id=int(run.id),  # type: ignore[arg-type]
             state=p.state, step=p.step, max_steps=p.max_steps, epoch=p.epoch,
             train_loss=list(p.train_loss), eval_loss=list(p.eval_loss),
             best_step=p.best_step, best_eval_loss=p.best_eval_loss, eta_s=p.eta_s,
-            cost_usd=pod_seconds(run) * (run.price_per_hour or 0.0) / 3600.0,
-            warnings=training_warnings(list(p.train_loss), list(p.eval_loss)),
+            cost_usd=cost, warnings=training_warnings(list(p.train_loss), list(p.eval_loss)),
+            unreachable_s=unreachable_s,
         )
 
     def _store_metrics(self, run_id: int, p: Progress) -> None:
@@ -540,12 +578,15 @@ class TrainingService:
                                error=f"training failed on the pod: {p.error or 'unknown error'}",
                                best_eval_loss=p.best_eval_loss, best_step=p.best_step)
             return self._outcome(run)
-        results = client.results()
+        pod_id = str(run.pod_id)
+        results = self._while_unreachable(client.results, pod_id, "fetching the results")
         out_dir = self.artifacts_dir / f"run_{run.id}"
         out_dir.mkdir(parents=True, exist_ok=True)
         adapter_dir = None
         if ADAPTER_ARTIFACT in results.artifacts:
-            (out_dir / ADAPTER_ARTIFACT).write_bytes(client.artifact(ADAPTER_ARTIFACT))
+            data = self._while_unreachable(lambda: client.artifact(ADAPTER_ARTIFACT), pod_id,
+                                           "fetching the adapter")
+            (out_dir / ADAPTER_ARTIFACT).write_bytes(data)
             adapter_dir = str(out_dir)
         # Deployment pulls the merged model from the Hub, so a pushed repo wins.
         artifact_uri = f"hf://{results.hf_repo}" if results.hf_repo else adapter_dir

@@ -5,8 +5,32 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-class NoCapacityError(RuntimeError):
-    """No GPU of any configured type/cloud could be had."""
+class RunPodError(RuntimeError):
+    """A RunPod API call failed. The message is safe for Slack and logs: it carries the
+    server's short message at most, never the GraphQL text (which holds env secrets)."""
+
+
+class RunPodTransientError(RunPodError):
+    """Rate limit (429), 5xx / HTML error page, connection error or timeout, or a GraphQL
+    internal error: the same request may work later. Never means "no capacity"."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None,
+                 status: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds, from a Retry-After header
+        self.status = status
+
+
+class NoCapacityError(RunPodError):
+    """RunPod has no GPU of this type/cloud (or of any configured one) to give."""
+
+
+class RunPodAuthError(RunPodError):
+    """RunPod refused the API key (HTTP 401/403)."""
+
+
+class RunPodRequestError(RunPodError):
+    """RunPod refused the request for another reason (retrying it will not help)."""
 
 
 class BudgetExceededError(RuntimeError):
@@ -50,6 +74,9 @@ class RunSnapshot:
     eta_s: float | None = None
     cost_usd: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    # seconds the pod's proxy has not answered (None: it answers); shown as
+    # "pod unreachable, retrying" until TUNER_POD_UNREACHABLE_GRACE_S runs out
+    unreachable_s: float | None = None
 
 
 @dataclass

@@ -36,6 +36,14 @@ class Settings(BaseSettings):
     tuner_reaper_interval_s: int = 300
     tuner_poll_interval_s: float = 10.0
     tuner_pod_ready_timeout_s: float = 900.0
+    # how long a pod's proxy may fail (Cloudflare 520/522/524, 502-504, 404, resets,
+    # timeouts) before the run counts as crashed and its pod is terminated
+    tuner_pod_unreachable_grace_s: float = Field(default=600.0, gt=0)
+    # RunPod API transient failures (429, 5xx, HTML pages, resets, internal errors):
+    # tries per call and the exponential backoff between them (a 429's Retry-After wins)
+    tuner_runpod_attempts: int = Field(default=5, ge=1)
+    tuner_runpod_backoff_s: float = Field(default=1.0, ge=0)
+    tuner_runpod_backoff_max_s: float = Field(default=60.0, ge=0)
     # a finished (or never started) pod that hears nothing from the bot this long removes
     # itself with the pod-scoped runpodctl key: a dead bot can't keep a GPU billing
     tuner_pod_idle_timeout_s: int = 3600

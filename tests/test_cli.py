@@ -95,6 +95,18 @@ def test_doctor_all_ok(tmp_path: Path, fakes) -> None:
         assert value not in text
 
 
+def test_doctor_runpod_outage_is_failed_not_rejected(tmp_path: Path, fakes) -> None:
+    from tests.fakes.runpod_faults import html_error
+
+    _slack, _anthropic, runpod = fakes
+    runpod.fail("pods", html_error(503), seconds=60)
+    settings = _settings(tmp_path, runpod_api_key=runpod.api_key,
+                         runpod_api_base_url=runpod.base_url)
+    _, status, text = _doctor(settings)
+    assert status["RUNPOD_API_KEY"] == "FAILED" and "HTTP 503" in text
+    assert runpod.gql_count("pods") == 1 and "<html" not in text.lower()
+
+
 def test_doctor_signing_secret_is_enough_for_transport(tmp_path: Path) -> None:
     _, status, text = _doctor(_settings(tmp_path, slack_signing_secret="s3cr3t-value"))
     assert status["SLACK_SIGNING_SECRET"] == "OK" and "s3cr3t-value" not in text

@@ -7,7 +7,7 @@ import runpod
 from runpod import error as rp_error
 
 from jobs.runpod_api import FALLBACK_PRICES, RunPodAPI, gql_escape
-from jobs.types import NoCapacityError
+from jobs.types import NoCapacityError, RunPodAuthError
 from storage.settings import Settings
 
 GPUS = ["NVIDIA RTX A5000", "NVIDIA GeForce RTX 4090"]
@@ -90,7 +90,7 @@ def test_prices_live_and_fallback(fake, api):
 
 def test_wrong_api_key_is_rejected(fake, monkeypatch):
     bad = RunPodAPI(Settings(_env_file=None, runpod_api_key="wrong"))
-    with pytest.raises(rp_error.AuthenticationError):
+    with pytest.raises(RunPodAuthError, match="API key"):  # typed, not the SDK's class
         bad.list_pods()
 
 

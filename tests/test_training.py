@@ -36,6 +36,8 @@ def make_settings(**kw) -> Settings:
         _env_file=None, tuner_gpu_types="NVIDIA RTX A5000,NVIDIA A40", tuner_cloud_types="SECURE",
         tuner_poll_interval_s=0.2, tuner_pod_ready_timeout_s=60,
         tuner_train_overrides=json.dumps(TRAIN_CFG),
+        # seconds, not the production minutes: a silent pod fails a test run quickly
+        tuner_pod_unreachable_grace_s=3.0, tuner_runpod_backoff_s=0.01, tuner_runpod_backoff_max_s=0.5,
     )
     base.update(kw)
     return Settings(**base)

@@ -17,6 +17,22 @@
   podTerminate calls fail with RunPod's internal-error GraphQL message; `create_delay_s`
   delays the answer to podFindAndDeployOnDemand AFTER the pod exists (a client killed
   meanwhile never learns the pod id).
+- `fail(op, fault, times=n | seconds=s)`: answer GraphQL operation `op` ("create",
+  "gpuTypes", "pod", "pods", "terminate" or "any") with a fault from
+  tests/fakes/runpod_faults.py (429 + Retry-After, Cloudflare HTML 5xx, GraphQL internal
+  error, dropped connection; `lost(...)` = the pod is created, then the answer is lost).
+  `no_capacity_message` picks which of RunPod's real no-capacity texts is sent.
+  `gql_log` records (monotonic time, op, HTTP status) for every GraphQL request.
+- `proxy_outage(status, seconds=s | times=n, pod_id=None)`: the pod proxy answers
+  Cloudflare's HTML page for that status (520/522/524, 502...) or, status 0, resets.
+- Booting: a new pod reports each desiredStatus of `boot_statuses` (default CREATED for
+  0.3 s: the SDK's own CLI waits for RUNNING after a create, runpod==1.12.0
+  runpod/cli/groups/project/functions.py) before RUNNING; its container (process) starts
+  only then, the proxy answers 502 meanwhile. Statuses: GraphQL PodStatus
+  (https://graphql-spec.runpod.io/#definition-PodStatus).
+- Terminated pods stay listed (myself.pods, pod(podId)) with desiredStatus TERMINATED
+  (the REST API lists/filters TERMINATED pods, runpod/docs api-reference/openapi.json;
+  the harsher reading for GraphQL); `keep_terminated=False` hides them.
 - Extension points: add_graphql_handler(fn(query, variables) -> response|None) for
   queries this fake doesn't know (e.g. serverless templates/endpoints), and
   add_route_handler(fn(method, path, headers, body) -> (status, headers, body)|None)
@@ -51,11 +67,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-NO_CAPACITY_MSG = (
-    "There are no longer any instances available with the requested specifications. "
-    "Please refresh and try again."
+from tests.fakes.runpod_faults import (
+    INTERNAL_ERROR_MSG,
+    NO_CAPACITY_MSG,
+    TERMINATE_NOT_FOUND_MSG,
+    Fault,
+    cloudflare_headers,
+    cloudflare_page,
 )
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+__all__ = ["NO_CAPACITY_MSG", "FakePod", "FakeRunPod", "Fault"]
+GQL_OPS = ("create", "terminate", "stop", "pods", "pod", "gpuTypes")
 
 GraphQLHandler = Callable[[str, dict[str, Any]], dict[str, Any] | None]
 RouteHandler = Callable[[str, str, dict[str, str], bytes], tuple[int, dict[str, str], bytes] | None]
@@ -216,13 +239,37 @@ class FakePod:
     created_at: float = field(default_factory=time.monotonic)
     ended_at: float | None = None  # terminated or vanished
     terminated: bool = False
-    status: str = "RUNNING"  # desiredStatus: RUNNING | EXITED
+    # desiredStatus before RUNNING: (status, seconds) from creation on
+    boot: tuple[tuple[str, float], ...] = ()
+    forced_status: str | None = None  # set by crash(exited=True) etc.
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
     @property
     def alive(self) -> bool:
         return self.ended_at is None
+
+    @property
+    def boot_s(self) -> float:
+        return sum(seconds for _, seconds in self.boot)
+
+    @property
+    def status(self) -> str:
+        """desiredStatus as RunPod reports it now."""
+        if self.terminated:
+            return "TERMINATED"
+        if self.forced_status:
+            return self.forced_status
+        elapsed = time.monotonic() - self.created_at
+        for status, seconds in self.boot:
+            if elapsed < seconds:
+                return status
+            elapsed -= seconds
+        return "RUNNING"
+
+    @status.setter
+    def status(self, value: str) -> None:
+        self.forced_status = value
 
     def billed_seconds(self) -> float:
         return (self.ended_at or time.monotonic()) - self.created_at
@@ -279,6 +326,8 @@ class FakeRunPod:
         capacity: set[tuple[str, str]] | set[str] | None = None,
         run_pods: bool = True,
         workroot: Path | None = None,
+        boot_statuses: tuple[tuple[str, float], ...] = (("CREATED", 0.3),),
+        keep_terminated: bool = True,
     ) -> None:
         self.api_key = api_key
         # gpu id -> (securePrice, communityPrice)
@@ -298,7 +347,14 @@ class FakeRunPod:
         self.terminate_failures = 0
         self.terminate_calls = 0
         self.create_delay_s = 0.0
+        self.boot_statuses = tuple(boot_statuses)
+        self.keep_terminated = keep_terminated
+        self.no_capacity_message = NO_CAPACITY_MSG
         self.queries: list[str] = []
+        self.gql_log: list[tuple[float, str, int]] = []  # (monotonic, op, HTTP status)
+        self.status_log: list[tuple[str, str]] = []  # (pod id, desiredStatus) per pod query
+        self._faults: list[_Rule] = []
+        self._proxy_faults: list[_Rule] = []
         self._gql_handlers: list[GraphQLHandler] = []
         self._route_handlers: list[RouteHandler] = []
         self._lock = threading.Lock()
@@ -378,6 +434,37 @@ class FakeRunPod:
     def add_route_handler(self, fn: RouteHandler) -> None:
         self._route_handlers.append(fn)
 
+    def fail(self, op: str, fault: Fault, *, times: int | None = None,
+             seconds: float | None = None) -> None:
+        """Answer GraphQL op (GQL_OPS or "any") with `fault`: the next `times` requests
+        (default 1), or every request for the next `seconds`."""
+        assert op == "any" or op in GQL_OPS, op
+        with self._lock:
+            self._faults.append(_Rule.make(op, fault, times, seconds))
+
+    def proxy_outage(self, status: int, *, times: int | None = None,
+                     seconds: float | None = None, pod_id: str | None = None,
+                     path: str | None = None, lost: bool = False) -> None:
+        """The pod proxy answers Cloudflare's HTML page for `status` (0: connection reset)
+        instead of forwarding, for `times` requests or `seconds` (only for `path` if given).
+        lost=True: the request reaches the pod first, only its answer is replaced (a 524
+        after the pod acted)."""
+        fault = Fault(drop=True, after=lost) if status == 0 else Fault(
+            status=status, body=cloudflare_page(status, "proxy.runpod.net"),
+            headers=cloudflare_headers(), after=lost)
+        rule = _Rule.make(pod_id or "any", fault, times, seconds)
+        rule.path = path
+        with self._lock:
+            self._proxy_faults.append(rule)
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+            self._proxy_faults.clear()
+
+    def gql_count(self, op: str) -> int:
+        return sum(1 for _, o, _ in self.gql_log if o == op)
+
     def live_pods(self) -> list[str]:
         with self._lock:
             return [p.id for p in self.pods.values() if p.alive]
@@ -403,6 +490,23 @@ class FakeRunPod:
         return p.read_text(errors="replace") if p and p.exists() else ""
 
     # ------------------------------------------------------------------ graphql
+    def graphql_http(self, query: str, variables: dict[str, Any]
+                     ) -> tuple[int, dict[str, str], bytes] | None:
+        """One POST /graphql: (status, headers, body), or None to drop the connection."""
+        op = _op_of(query)
+        fault = _take(self._faults, op, self._lock)
+        if fault is not None and not fault.after:
+            return self._log(op, fault)
+        res = self.handle_graphql(query, variables)
+        if fault is not None:  # the work is done (pod created...), the answer is lost
+            return self._log(op, fault)
+        self.gql_log.append((time.monotonic(), op, 200))
+        return 200, {"Content-Type": "application/json"}, json.dumps(res).encode()
+
+    def _log(self, op: str, fault: Fault) -> tuple[int, dict[str, str], bytes] | None:
+        self.gql_log.append((time.monotonic(), op, 0 if fault.drop else fault.status))
+        return None if fault.drop else (fault.status, dict(fault.headers), fault.body)
+
     def handle_graphql(self, query: str, variables: dict[str, Any]) -> dict[str, Any]:
         self.queries.append(query)
         try:
@@ -464,7 +568,7 @@ class FakeRunPod:
         gpu, cloud = inp.get("gpuTypeId", ""), str(inp.get("cloudType", "ALL"))
         self.create_attempts.append((gpu, cloud))
         if gpu not in self.prices or not self._has_capacity(gpu, cloud):
-            return _err(NO_CAPACITY_MSG)
+            return _err(self.no_capacity_message, "podFindAndDeployOnDemand")
         env = {e["key"]: e["value"] for e in inp.get("env") or []}
         pod_id = secrets.token_hex(7)
         sec, com = self.prices[gpu]
@@ -472,11 +576,15 @@ class FakeRunPod:
             id=pod_id, name=inp.get("name", ""), image=inp.get("imageName", ""),
             gpu_type=gpu, cloud_type=cloud, price=com if cloud == "COMMUNITY" else sec,
             env=env, docker_args=inp.get("dockerArgs", ""), ports=inp.get("ports", ""),
-            port=_free_port(), workdir=self.workroot / pod_id,
+            port=_free_port(), workdir=self.workroot / pod_id, boot=self.boot_statuses,
         )
         with self._lock:
             self.pods[pod_id] = pod
-        if self.run_pods:
+        if self.run_pods and pod.boot_s > 0:  # the container starts once the pod boots
+            timer = threading.Timer(pod.boot_s, self._spawn_if_alive, args=(pod,))
+            timer.daemon = True
+            timer.start()
+        elif self.run_pods:
             self._spawn(pod)
         if self.create_delay_s:
             time.sleep(self.create_delay_s)
@@ -498,9 +606,9 @@ class FakeRunPod:
         self.terminate_calls += 1
         if self.terminate_failures > 0:
             self.terminate_failures -= 1
-            return _err("Something went wrong. Please try again later or contact support.")
+            return _err(INTERNAL_ERROR_MSG, "podTerminate", code="INTERNAL_SERVER_ERROR")
         if pod is None or not pod.alive:
-            return _err("Pod not found")
+            return _err(TERMINATE_NOT_FOUND_MSG, "podTerminate")
         self._kill(pod)
         return {"data": {"podTerminate": None}}
 
@@ -529,17 +637,28 @@ class FakeRunPod:
         if field_args(q, "myself") is None or field_args(q, "pods") is None:
             return None
         with self._lock:
-            pods = [self._pod_json(p) for p in self.pods.values() if p.alive]
+            pods = [self._pod_json(p) for p in self.pods.values() if self._listed(p)]
         return {"data": {"myself": {"pods": pods}}}
+
+    def _listed(self, pod: FakePod) -> bool:
+        return pod.alive or (pod.terminated and self.keep_terminated)
 
     def _pod(self, q: str) -> dict[str, Any] | None:
         args = field_args(q, "pod")
         if args is None:
             return None
         pod = self.pods.get(args["input"]["podId"])
-        return {"data": {"pod": self._pod_json(pod) if pod and pod.alive else None}}
+        if pod is None or not self._listed(pod):
+            return {"data": {"pod": None}}
+        record = self._pod_json(pod)
+        self.status_log.append((pod.id, record["desiredStatus"]))
+        return {"data": {"pod": record}}
 
     # ----------------------------------------------------------------- processes
+    def _spawn_if_alive(self, pod: FakePod) -> None:
+        if pod.alive and pod.forced_status is None and self._server is not None:
+            self._spawn(pod)
+
     def _spawn(self, pod: FakePod) -> None:
         pod.workdir.mkdir(parents=True, exist_ok=True)
         cwd = REPO_ROOT
@@ -582,12 +701,22 @@ class FakeRunPod:
         pod = self.pods.get(m.group(1))
         if pod is None or not pod.alive or m.group(2) != "8000":
             return 404, {"Content-Type": "text/plain"}, b"404 pod not found"
+        fault = _take(self._proxy_faults, pod.id, self._lock, path=m.group(3) or "/")
+        if fault is not None and not fault.after:
+            return (0, {}, b"") if fault.drop else (fault.status, dict(fault.headers), fault.body)
+        answer = self._forward(pod, method, m.group(3) or "/", headers, body)
+        if fault is not None:  # the pod got the request; its answer is lost on the way back
+            return (0, {}, b"") if fault.drop else (fault.status, dict(fault.headers), fault.body)
+        return answer
+
+    def _forward(self, pod: FakePod, method: str, path: str, headers: dict[str, str],
+                 body: bytes) -> tuple[int, dict[str, str], bytes]:
         if pod.proc is None or pod.proc.poll() is not None:
             return 502, {"Content-Type": "text/plain"}, b"502 Bad Gateway"
         conn = http.client.HTTPConnection("127.0.0.1", pod.port, timeout=60)
         fwd = {k: v for k, v in headers.items() if k.lower() not in ("host", "connection")}
         try:
-            conn.request(method, m.group(3) or "/", body=body or None, headers=fwd)
+            conn.request(method, path, body=body or None, headers=fwd)
             resp = conn.getresponse()
             data = resp.read()
             rh = {k: v for k, v in resp.getheaders()
@@ -620,7 +749,11 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         headers = dict(self.headers.items())
         if url.path.startswith("/proxy/"):
-            self._send(*self.owner.proxy(self.command, self.path, headers, body))
+            status, rh, data = self.owner.proxy(self.command, self.path, headers, body)
+            if status == 0:  # connection reset: no answer at all
+                self.close_connection = True
+                return
+            self._send(status, rh, data)
             return
         if url.path == "/graphql" and self.command == "POST":
             key = parse_qs(url.query).get("api_key", [""])[0]
@@ -631,8 +764,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(401, {"Content-Type": "application/json"}, b'{"error":"Unauthorized"}')
                 return
             payload = json.loads(body or b"{}")
-            res = self.owner.handle_graphql(payload.get("query", ""), payload.get("variables") or {})
-            self._send(200, {"Content-Type": "application/json"}, json.dumps(res).encode())
+            answer = self.owner.graphql_http(payload.get("query", ""), payload.get("variables") or {})
+            if answer is None:  # dropped: close without a response
+                self.close_connection = True
+                return
+            self._send(*answer)
             return
         for fn in self.owner._route_handlers:
             res = fn(self.command, self.path, headers, body)
@@ -644,8 +780,57 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _handle
 
 
-def _err(message: str) -> dict[str, Any]:
-    return {"errors": [{"message": message, "path": []}], "data": None}
+def _err(message: str, path: str = "", *, code: str | None = None) -> dict[str, Any]:
+    err: dict[str, Any] = {"message": message, "path": [path] if path else []}
+    if code:
+        err["extensions"] = {"code": code}
+    return {"errors": [err], "data": {path: None} if path else None}
+
+
+def _op_of(query: str) -> str:
+    """Which of GQL_OPS a query is (the first whose field it calls), else "other"."""
+    def has(name: str) -> bool:  # a field call, not parsed (the text may be malformed)
+        return re.search(rf"(?<!query )(?<!mutation )\b{name}\s*[({{]", query) is not None
+
+    fields = {"create": "podFindAndDeployOnDemand", "terminate": "podTerminate",
+              "stop": "podStop", "gpuTypes": "gpuTypes", "pods": "pods", "pod": "pod"}
+    for op, name in fields.items():
+        if has(name):
+            return op
+    return "other"
+
+
+@dataclass
+class _Rule:
+    target: str  # GraphQL op / pod id / "any"
+    fault: Fault
+    remaining: int | None  # None: until `until`
+    until: float | None
+    path: str | None = None  # proxy rules: only this path
+
+    @classmethod
+    def make(cls, target: str, fault: Fault, times: int | None, seconds: float | None) -> _Rule:
+        if seconds is not None:
+            return cls(target, fault, times, time.monotonic() + seconds)
+        return cls(target, fault, 1 if times is None else times, None)
+
+    def live(self) -> bool:
+        if self.until is not None and time.monotonic() >= self.until:
+            return False
+        return self.remaining is None or self.remaining > 0
+
+
+def _take(rules: list[_Rule], target: str, lock: threading.Lock, *,
+          path: str | None = None) -> Fault | None:
+    """The first live rule for target (or "any") [and path], consumed once."""
+    with lock:
+        rules[:] = [r for r in rules if r.live()]
+        for rule in rules:
+            if rule.target in (target, "any") and rule.path in (None, path):
+                if rule.remaining is not None:
+                    rule.remaining -= 1
+                return rule.fault
+    return None
 
 
 def _free_port() -> int:
