@@ -168,7 +168,7 @@ class FakeHub:
                          "siblings": [{"rfilename": p} for p in sorted(repo.files)]}
 
     def _preupload(self, account: Account, ns: str, name: str, payload: dict[str, Any]) -> tuple[int, dict, Any]:
-        repo, err = self._repo_for(account, ns, name, write=True)
+        _, err = self._repo_for(account, ns, name, write=True)
         if err:
             return err
         files = []
@@ -179,7 +179,7 @@ class FakeHub:
         return 200, {}, {"files": files, "commitOid": None}
 
     def _lfs_batch(self, account: Account, ns: str, name: str, payload: dict[str, Any]) -> tuple[int, dict, Any]:
-        repo, err = self._repo_for(account, ns, name, write=True)
+        _, err = self._repo_for(account, ns, name, write=True)
         if err:
             return err
         if payload.get("operation") != "upload" or "basic" not in payload.get("transfers", []):
@@ -252,7 +252,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             pass
 
         def _body(self) -> bytes:
@@ -281,6 +281,6 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
-        do_GET = do_POST = do_PUT = _serve  # noqa: N815
+        do_GET = do_POST = do_PUT = _serve
 
     return Handler
