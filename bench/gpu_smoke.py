@@ -97,7 +97,8 @@ def load_merged(merged_dir: Path, plan: pod.Plan, job: JobRequest) -> tuple[str,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=pod._torch_dtype(plan.dtype)).to("cuda")
+    model: Any = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=pod._torch_dtype(plan.dtype))
+    model = model.to("cuda")
     tok = AutoTokenizer.from_pretrained(str(merged_dir))
     enc = tok(pod.render_prompt(tok, job.eval_prompts[0].messages), return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
@@ -107,7 +108,7 @@ def load_merged(merged_dir: Path, plan: pod.Plan, job: JobRequest) -> tuple[str,
 
 
 def run(steps: int, workdir: Path) -> int:
-    clock, failures = Clock(), []
+    clock, failures = Clock(), list[str]()
     base_dir = workdir / "base-model"
     job = smoke_job(base_dir, steps)
     build_local_model(base_dir, pod.job_texts(job))

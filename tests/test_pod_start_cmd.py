@@ -94,7 +94,8 @@ def _serve(argv: list[str], env: dict[str, str], port: int, cwd: Path) -> str:
         assert httpx.get(f"http://127.0.0.1:{port}/progress", timeout=5).status_code == 401
         assert (cwd / "opt" / "jobs" / "train.py").is_file()
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     return proc.stdout.read().decode() if proc.stdout else ""
 

@@ -209,7 +209,7 @@ def test_train_succeeds_with_decreasing_eval_loss(start_pod: Callable[..., Pod])
     check_adapter_tarball(pod)
     # hf_repo is set but the pod has no HF_TOKEN: nothing leaves the pod, so no 16-bit merge is built
     assert res.hf_repo is None and not res.export.merged and not res.export.pushed
-    assert res.export.push_error == "not pushed: no HF_TOKEN on the pod" == res.extra["hf_error"]
+    assert res.export.push_error == "not pushed: no HF_TOKEN on the pod" and res.extra["hf_error"] is None
     assert not (pod.workdir / "merged").exists()
     assert pod.http.get("/artifacts/nope.tar.gz").status_code == 404
     assert pod.http.get("/artifacts/..%2Fpod0.log").status_code == 404
@@ -481,24 +481,34 @@ def test_chatml_row_masks_assistant_header_and_ends_on_single_eos() -> None:
 
 # Chat templates of the supported families (jobs/catalog.py), reduced to their turn structure
 # (the shipped tokenizers' templates add tool calls, dates, etc.), each with its end-of-turn.
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+GEMMA3 = (  # no system role: Gemma folds the system text into the first user turn
+    "{{ bos_token }}{% set ns = namespace(sys='') %}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% set ns.sys = m['content'] + '\n\n' %}{% else %}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+    "{{ (ns.sys if m['role'] == 'user' else '') + m['content'] }}<end_of_turn>\n"
+    "{% set ns.sys = '' %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+MISTRAL = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+PHI4 = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+# family -> (template, eos, the assistant header the prompt ends with, the trained text)
 FAMILY_TEMPLATES = {
-    "llama-3": ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-                "{{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
-                "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
-                "<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>\n\n", "c b a<|eot_id|>"),
+    "llama-3": (LLAMA3, "<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>\n\n", "c b a<|eot_id|>"),
     "qwen-2.5": (CHATML, "<|im_end|>", "<|im_start|>assistant\n", "c b a<|im_end|>"),
-    "gemma-3": ("{{ bos_token }}{% set ns = namespace(sys='') %}{% for m in messages %}"
-                "{% if m['role'] == 'system' %}{% set ns.sys = m['content'] + '\n\n' %}{% else %}"
-                "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
-                "{{ (ns.sys if m['role'] == 'user' else '') + m['content'] }}<end_of_turn>\n"
-                "{% set ns.sys = '' %}{% endif %}{% endfor %}"
-                "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
-                "<end_of_turn>", "<start_of_turn>model\n", "c b a<end_of_turn>"),
-    "mistral": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-                "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}",
-                "</s>", "[/INST]", "c b a</s>"),
-    "phi-4": ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-              "{% if add_generation_prompt %}<|assistant|>{% endif %}", "<|end|>", "<|assistant|>", "c b a<|end|>"),
+    "gemma-3": (GEMMA3, "<end_of_turn>", "<start_of_turn>model\n", "c b a<end_of_turn>"),
+    "mistral": (MISTRAL, "</s>", "[/INST]", "c b a</s>"),
+    "phi-4": (PHI4, "<|end|>", "<|assistant|>", "c b a<|end|>"),
 }
 
 
@@ -715,6 +725,22 @@ def test_real_job_fails_fast_without_usable_cuda(start_pod: Callable[..., Pod], 
     assert pod_.http.get("/results").status_code == 409
 
 
+def test_failures_carry_a_machine_readable_code(tmp_path: Path) -> None:
+    class OutOfMemoryError(RuntimeError):  # torch.cuda.OutOfMemoryError's name
+        pass
+
+    assert pod.error_code_for(pod.JobFailure("bad_job", "x")) == "bad_job"
+    assert pod.error_code_for(OutOfMemoryError("boom")) == "out_of_memory"
+    assert pod.error_code_for(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) == "out_of_memory"
+    assert pod.error_code_for(ValueError("x")) == "internal"
+    job = JobRequest.model_validate(job_body("j", tiny_random_model=False, require_cuda=False,
+                                             base_model=str(tmp_path / "missing-model")))
+    plan = pod.make_plan(job.config, cuda=False, bf16_supported=False, unsloth_ok=False, bnb_ok=False)
+    with pytest.raises(pod.JobFailure) as err:
+        pod.load_model(job, plan, None)
+    assert err.value.code == "model_load" and str(tmp_path / "missing-model") in str(err.value)
+
+
 # ---------------------------------------------------------------------------
 # The spec's base model is what the pod loads
 # ---------------------------------------------------------------------------
@@ -881,6 +907,7 @@ def test_failed_push_is_reported_and_the_run_still_succeeds(
     assert res.export.merged and not res.export.pushed and not res.export.adapter_pushed
     assert res.export.push_error is not None and status in res.export.push_error
     assert token not in res.export.push_error and token not in pod_.log()
+    assert res.extra["hf_error"] == res.export.push_error  # what the bot's Deploy step explains
     assert repo_id not in hub.repos
     check_adapter_tarball(pod_)  # the adapter is still there for the bot
 

@@ -222,16 +222,16 @@ class FakeHub:
         for line in lines[1:]:
             key, value = line["key"], line["value"]
             if key == "file":
-                data = base64.b64decode(value["content"])
-                if len(data) > TEN_MB or b"\x00" in data[:8000]:
+                inline = base64.b64decode(value["content"])
+                if len(inline) > TEN_MB or b"\x00" in inline[:8000]:
                     return 400, {}, {"error": f"Your push was rejected: {value['path']} is binary or over "
                                               "10 MB and must be stored with LFS/Xet"}
-                staged[value["path"]] = data
+                staged[value["path"]] = inline
             elif key == "lfsFile":
-                data = self.lfs.get(value["oid"])
-                if data is None or len(data) != value["size"]:
+                stored = self.lfs.get(value["oid"])
+                if stored is None or len(stored) != value["size"]:
                     return 422, {}, {"error": f"LFS object for {value['path']} was never uploaded"}
-                staged[value["path"]] = data
+                staged[value["path"]] = stored
             elif key in ("deletedFile", "deletedFolder"):
                 staged[value["path"]] = None
             else:
