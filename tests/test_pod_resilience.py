@@ -161,8 +161,8 @@ def test_429_in_price_lookup_still_renders_the_launch_card(fake_runpod_gql, db, 
     pid, did = seed(db)
     est = service(db, tmp_path).estimate(pid, did)
     assert not est.price_is_live and est.price_per_hour > 0 and est.est_usd > 0
-    _, blocks = launch_card("i1", "T:C:1", dataclasses.asdict(est), {"n_train": 90})
-    assert "list price (estimate)" in blocks[0]["text"]["text"]
+    card = launch_card("i1", "T:C:1", dataclasses.asdict(est), {"n_train": 90})
+    assert "list price (estimate)" in card.messages[0].blocks[0]["text"]["text"]
 
 
 def test_progress_text_shows_unreachable_only_while_it_lasts():
