@@ -10,20 +10,27 @@ tokenizer.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import math
 import random
 import re
-import struct
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlmodel import select
 
+from agent.dedup import (  # noqa: F401  (re-exported)
+    DedupIndex,
+    DedupResult,
+    content_hash,
+    dedup,
+    jaccard,
+    normalize,
+    shingles,
+)
 from agent.spec import (
     GENERATE_SYSTEM,
     SAMPLES_SYSTEM,
@@ -226,119 +233,7 @@ def generate_dataset(
 
 
 # ----------------------------------------------------------------------------------------
-# dedup
-
-_WS = re.compile(r"\s+")
-_WORD = re.compile(r"\w+", re.UNICODE)
-
-
-def normalize(text: str) -> str:
-    return _WS.sub(" ", text.strip().lower())
-
-
-def content_hash(pair: ExamplePair) -> str:
-    """Exact-duplicate key: sha256 of the normalized prompt and response."""
-    key = normalize(pair.prompt) + "\x1f" + normalize(pair.response)
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def shingles(text: str, k: int = 3) -> set[str]:
-    """Word k-grams (the whole word list for texts shorter than k words)."""
-    words = _WORD.findall(text.lower())
-    if len(words) < k:
-        return {" ".join(words)} if words else set()
-    return {" ".join(words[i : i + k]) for i in range(len(words) - k + 1)}
-
-
-def jaccard(a: set[str], b: set[str]) -> float:
-    if not a and not b:
-        return 1.0
-    return len(a & b) / len(a | b)
-
-
-_PERMS = 64
-_BANDS = 16  # 16 bands x 4 rows: a pair with Jaccard 0.7 becomes a candidate with p~0.99
-_ROWS = _PERMS // _BANDS
-_U16 = struct.Struct(f"<{_PERMS}H")
-
-
-def minhash(sh: set[str]) -> list[int]:
-    """MinHash signature: 64 independent 16-bit hash functions per shingle, cut from two
-    SHA-512 digests; the signature is the column-wise minimum (all C-level loops).
-    16-bit values only add rare false candidates, which exact Jaccard then rejects."""
-    if not sh:
-        return [0] * _PERMS
-    rows = []
-    for s in sh:
-        b = s.encode()
-        rows.append(_U16.unpack(hashlib.sha512(b).digest() + hashlib.sha512(b"\x01" + b).digest()))
-    return list(map(min, zip(*rows)))
-
-
-class DedupIndex:
-    """Incremental exact + near-duplicate filter (MinHash LSH, verified by exact Jaccard).
-
-    O(1) expected work per added item, so ~O(n) overall.
-    """
-
-    def __init__(self, threshold: float = 0.7) -> None:
-        self.threshold = threshold
-        self.hashes: set[str] = set()
-        self._sh: list[set[str]] = []
-        self._buckets: dict[tuple[int, tuple[int, ...]], list[int]] = {}
-
-    def check(self, pair: ExamplePair) -> str | None:
-        """None if new, else "exact" or "near"; new items are added."""
-        h = content_hash(pair)
-        if h in self.hashes:
-            return "exact"
-        sh = shingles(pair.prompt + "\n" + pair.response)
-        sig = minhash(sh)
-        keys = [(b, tuple(sig[b * _ROWS : (b + 1) * _ROWS])) for b in range(_BANDS)]
-        seen: set[int] = set()
-        for key in keys:
-            for j in self._buckets.get(key, ()):
-                if j not in seen:
-                    seen.add(j)
-                    if jaccard(sh, self._sh[j]) >= self.threshold:
-                        return "near"
-        self.hashes.add(h)
-        idx = len(self._sh)
-        self._sh.append(sh)
-        for key in keys:
-            self._buckets.setdefault(key, []).append(idx)
-        return None
-
-    def add(self, pair: ExamplePair) -> bool:
-        return self.check(pair) is None
-
-
-@dataclass
-class DedupResult:
-    kept: list[ExamplePair] = field(default_factory=list)
-    exact_dupes: list[ExamplePair] = field(default_factory=list)
-    near_dupes: list[ExamplePair] = field(default_factory=list)
-
-    @property
-    def dropped(self) -> int:
-        return len(self.exact_dupes) + len(self.near_dupes)
-
-
-def dedup(pairs: Iterable[ExamplePair], threshold: float = 0.7) -> DedupResult:
-    """Keep the first of each group of exact (normalized) or near (Jaccard>=threshold on
-    word 3-gram shingles of prompt+response) duplicates."""
-    index = DedupIndex(threshold)
-    res = DedupResult()
-    for p in pairs:
-        kind = index.check(p)
-        if kind is None:
-            res.kept.append(p)
-        elif kind == "exact":
-            res.exact_dupes.append(p)
-        else:
-            res.near_dupes.append(p)
-    return res
-
+# dedup: agent/dedup.py (re-exported here for existing callers)
 
 # ----------------------------------------------------------------------------------------
 # validation and split
