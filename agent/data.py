@@ -39,6 +39,7 @@ from agent.spec import (
     TaskSpec,
     spec_brief,
 )
+from agent.textfile import decode_text, sniff_csv
 from jobs.llm import LLM, LLMOutputError
 from storage.db import Database
 from storage.models import Dataset, Example
@@ -372,28 +373,37 @@ def parse_correction(text: str) -> ExamplePair | None:
 
 
 def parse_import(filename: str, content: bytes) -> list[ExamplePair]:
-    """Examples from an uploaded JSONL or CSV file; ValueError lists bad rows by line."""
-    try:
-        text = content.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{filename}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    """Examples from an uploaded JSONL, JSON array or CSV/TSV file.
+
+    The bytes must be UTF-8 (agent/textfile.py refuses anything else, saying where and
+    what it looks like); ValueError lists bad rows by line.
+    """
+    text = decode_text(filename, content)
     lower = filename.lower()
     if lower.endswith((".jsonl", ".ndjson", ".json")):
         is_json = True
-    elif lower.endswith((".csv", ".tsv")):
+    elif lower.endswith((".csv", ".tsv", ".txt")):
         is_json = False
     else:
-        is_json = text.lstrip().startswith("{")
-    pairs = _parse_jsonl(filename, text) if is_json else _parse_csv(filename, text)
+        is_json = text.lstrip().startswith(("{", "["))
+    if is_json and text.lstrip().startswith("["):
+        pairs = _parse_json_array(filename, text)
+    elif is_json:
+        pairs = _parse_jsonl(filename, text)
+    else:
+        pairs = _parse_csv(filename, text)
     if not pairs:
         raise ValueError(f"{filename}: no examples found")
     return pairs
 
 
 def _parse_jsonl(filename: str, text: str) -> list[ExamplePair]:
+    """One object per line. Lines end at "\n" only (CRLF tolerated): JSON strings may hold
+    raw U+2028/U+0085, which str.splitlines() would wrongly treat as line breaks."""
     pairs: list[ExamplePair] = []
     errors: list[str] = []
-    for i, line in enumerate(text.splitlines(), start=1):
+    for i, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -409,38 +419,72 @@ def _parse_jsonl(filename: str, text: str) -> list[ExamplePair]:
     return pairs
 
 
-def _parse_csv(filename: str, text: str) -> list[ExamplePair]:
-    delim = "\t" if filename.lower().endswith(".tsv") else ","
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim)
+def _parse_json_array(filename: str, text: str) -> list[ExamplePair]:
     try:
-        header = [h.strip().lower() for h in next(reader)]
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{filename} line {e.lineno}: invalid JSON ({e.msg} at column "
+                         f"{e.colno})") from None
+    if not isinstance(items, list):
+        raise ValueError(f"{filename}: expected a JSON array of objects, or one object per line")
+    pairs: list[ExamplePair] = []
+    errors: list[str] = []
+    for i, obj in enumerate(items, start=1):
+        try:
+            pairs.append(_from_obj(obj))
+        except ValueError as e:
+            errors.append(f"item {i}: {e}")
+    _raise_errors(filename, errors)
+    return pairs
+
+
+def _csv_header(filename: str, reader: Any) -> list[str]:
+    try:
+        return [h.strip().lower() for h in next(reader)]
     except StopIteration:
         raise ValueError(f"{filename}: empty file") from None
     except csv.Error as e:
         raise ValueError(f"{filename} line 1: {e}") from None
+
+
+def _csv_columns(filename: str, header: list[str]) -> tuple[int, int, int | None]:
     pi = next((header.index(k) for k in _PROMPT_KEYS if k in header), None)
     ri = next((header.index(k) for k in _RESPONSE_KEYS if k in header), None)
-    fi = header.index("reference") if "reference" in header else None
     if pi is None or ri is None:
         raise ValueError(
             f"{filename} line 1: header must name prompt,response columns "
             f"(or input,output); found: {','.join(header)}"
         )
+    return pi, ri, header.index("reference") if "reference" in header else None
+
+
+def _parse_csv(filename: str, text: str) -> list[ExamplePair]:
+    """Comma, semicolon, tab or pipe separated (sniffed from the header), quoted cells may
+    span lines; Excel's trailing empty cells are ignored."""
+    wanted = (set(_PROMPT_KEYS), set(_RESPONSE_KEYS))
+    dialect = sniff_csv(text, wanted, tsv=filename.lower().endswith(".tsv"))
+    body = text.split("\n", dialect.skip_lines)[-1] if dialect.skip_lines else text
+    reader = csv.reader(io.StringIO(body, newline=""), delimiter=dialect.delimiter, strict=True)
+    header = _csv_header(filename, reader)
+    pi, ri, fi = _csv_columns(filename, header)
     pairs: list[ExamplePair] = []
     errors: list[str] = []
+    offset = dialect.skip_lines
     while True:
+        start = reader.line_num + 1 + offset
         try:
             row = next(reader)
         except StopIteration:
             break
         except csv.Error as e:
-            errors.append(f"line {reader.line_num}: {e}")
+            errors.append(f"line {start}: {e} (a quoted cell is not closed properly)")
             break
-        line = reader.line_num
+        while len(row) > len(header) and not row[-1].strip():
+            row.pop()  # Excel pads rows with empty cells
         if not any(c.strip() for c in row):
             continue
         if len(row) != len(header):
-            errors.append(f"line {line}: expected {len(header)} columns, got {len(row)}")
+            errors.append(f"line {start}: expected {len(header)} columns, got {len(row)}")
             continue
         obj = {"prompt": row[pi], "response": row[ri]}
         if fi is not None and row[fi].strip():
@@ -448,7 +492,7 @@ def _parse_csv(filename: str, text: str) -> list[ExamplePair]:
         try:
             pairs.append(_from_obj(obj))
         except ValueError as e:
-            errors.append(f"line {line}: {e}")
+            errors.append(f"line {start}: {e}")
     _raise_errors(filename, errors)
     return pairs
 
