@@ -20,6 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import insert, update
 from sqlmodel import select
 
 from agent.dedup import (  # noqa: F401  (re-exported)
@@ -42,7 +43,7 @@ from agent.spec import (
 from agent.textfile import decode_text, sniff_csv
 from jobs.llm import LLM, LLMOutputError
 from storage.db import Database
-from storage.models import Dataset, Example
+from storage.models import Dataset, Example, utcnow
 
 # ----------------------------------------------------------------------------------------
 # topic seeds (diversity without temperature)
@@ -518,55 +519,67 @@ def store_dataset(
     (keeping their split, so a frozen test example never becomes training data): a file
     that overlaps earlier data, or an import step re-run after a crash, still yields the
     whole dataset rather than only the rows that were new.
+
+    One transaction, bulk statements (executemany): 50k rows take seconds, not the
+    ~25 s that one ORM object per row took.
     """
     unknown = set(splits) - {"train", "val", "test"}
     if unknown:
         raise ValueError(f"unknown split name(s): {sorted(unknown)}")
     with db.session() as s:
-        known = {
-            e.content_hash: e
-            for e in s.exec(select(Example).where(Example.project_id == project_id))
-        }
-        existing = set(known)
-        ds = Dataset(
-            project_id=project_id,
-            source=source,
-            seed=seed,
-            n_dropped_duplicates=dropped_dupes,
-            n_dropped_invalid=dropped_invalid,
-        )
+        known = _known_examples(s, project_id)
+        ds = Dataset(project_id=project_id, source=source, seed=seed,
+                     n_dropped_duplicates=dropped_dupes, n_dropped_invalid=dropped_invalid)
         s.add(ds)
         s.flush()
-        counts = {"train": 0, "val": 0, "test": 0}
-        for name in ("train", "val", "test"):
-            for p in splits.get(name, []):
-                h = content_hash(p)
-                if h in existing:
-                    old = known.get(h)
-                    if adopt_existing and old is not None and old.dataset_id != ds.id:
-                        old.dataset_id = ds.id
-                        s.add(old)
-                        counts[old.split] = counts.get(old.split, 0) + 1
-                    continue
-                existing.add(h)
-                s.add(
-                    Example(
-                        project_id=project_id,
-                        dataset_id=ds.id,
-                        prompt=p.prompt,
-                        response=p.response,
-                        reference=p.reference,
-                        split=name,
-                        source=source,
-                        content_hash=h,
-                    )
-                )
-                counts[name] += 1
+        assert ds.id is not None
+        rows, adopt, counts = _plan_rows(splits, known, project_id, ds.id, source,
+                                         adopt_existing=adopt_existing)
+        if rows:
+            s.execute(insert(Example), rows)
+        if adopt:
+            s.execute(update(Example), [{"id": i, "dataset_id": ds.id} for i in adopt])
         ds.n_train, ds.n_val, ds.n_test = counts["train"], counts["val"], counts["test"]
         s.add(ds)
         s.commit()
         s.refresh(ds)
         return ds
+
+
+def _known_examples(s: Any, project_id: int) -> dict[str, tuple[int, int | None, str]]:
+    """content_hash -> (id, dataset_id, split) of the project's examples (columns only)."""
+    q = select(Example.content_hash, Example.id, Example.dataset_id, Example.split).where(
+        Example.project_id == project_id)
+    return {h: (i, d, sp) for h, i, d, sp in s.exec(q)}
+
+
+def _plan_rows(
+    splits: dict[str, list[ExamplePair]], known: dict[str, tuple[int, int | None, str]],
+    project_id: int, dataset_id: int, source: str, *, adopt_existing: bool,
+) -> tuple[list[dict[str, Any]], list[int], dict[str, int]]:
+    """(rows to insert, ids of known examples to adopt, counts per split)."""
+    rows: list[dict[str, Any]] = []
+    adopt: list[int] = []
+    counts = {"train": 0, "val": 0, "test": 0}
+    seen: set[str] = set()
+    now = utcnow()
+    for name in ("train", "val", "test"):
+        for p in splits.get(name, []):
+            h = content_hash(p)
+            if h in seen:
+                continue
+            seen.add(h)
+            old = known.get(h)
+            if old is not None:
+                if adopt_existing and old[1] != dataset_id:
+                    adopt.append(old[0])
+                    counts[old[2]] = counts.get(old[2], 0) + 1
+                continue
+            rows.append({"project_id": project_id, "dataset_id": dataset_id,
+                         "prompt": p.prompt, "response": p.response, "reference": p.reference,
+                         "split": name, "source": source, "content_hash": h, "created_at": now})
+            counts[name] += 1
+    return rows, adopt, counts
 
 
 def load_split(db: Database, dataset_id: int, split: str) -> list[Example]:

@@ -106,7 +106,7 @@ class _WordHasher:
 
     def _learn(self, words: list[str], ids: list[int]) -> None:
         """Give the new words of `words` ids (in place in `ids`) and hashes."""
-        base, new = len(self._ids), []
+        base, new = len(self._ids), list[bytes]()
         for k, w in enumerate(words):
             if ids[k] < 0:
                 i = self._ids.get(w)

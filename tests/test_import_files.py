@@ -11,7 +11,6 @@ import json
 import pytest
 
 from agent.data import parse_import
-from agent.textfile import TextFileError, decode_text, guess_legacy_encoding
 
 CITIES = [("São Paulo", "Brésil"), ("Zürich", "Suisse"), ("Kraków", "Pologne"),
           ("Málaga", "España"), ("Besançon", "France"), ("Tromsø", "Norge")]
@@ -39,6 +38,8 @@ def test_cp1252_csv_is_refused_with_line_byte_and_hint() -> None:
 
 
 def test_mac_roman_and_utf16_are_named() -> None:
+    from agent.textfile import TextFileError, decode_text, guess_legacy_encoding
+
     mac = _csv_text().encode("mac_roman")
     assert guess_legacy_encoding(mac)[1] == "mac_roman"
     with pytest.raises(TextFileError, match="Mac Roman"):
@@ -52,8 +53,8 @@ def test_mac_roman_and_utf16_are_named() -> None:
 
 
 def test_nul_bytes_are_refused_even_when_valid_utf8() -> None:
-    with pytest.raises(TextFileError, match="NUL byte on line 2"):
-        decode_text("x.jsonl", b'{"prompt": "a", "response": "b"}\n{"pro\x00mpt"}\n')
+    with pytest.raises(ValueError, match="NUL byte on line 2"):
+        parse_import("x.jsonl", b'{"prompt": "a", "response": "b"}\n{"pro\x00mpt"}\n')
 
 
 def test_excel_semicolon_csv_with_bom_crlf_and_multiline_cells_imports_intact() -> None:
