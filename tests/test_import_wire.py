@@ -9,6 +9,7 @@ answered with Slack's HTML sign-in page).
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,10 +24,22 @@ from bot.wiring import Wired, build
 from storage.models import Dataset, Example
 from storage.settings import Settings
 from tests.datagen import catalog_pairs, to_jsonl
-from tests.fakes.anthropic_fake import API_KEY, FakeAnthropic, last_user_text, system_text
+from tests.fakes.anthropic_fake import (
+    API_KEY,
+    FakeAnthropic,
+    last_user_text,
+    system_text,
+)
 from tests.fakes.slack_fake import (
-    BOT_TOKEN, SIGNING_SECRET, TEAM_ID, FakeSlack, app_mention_with_files, file_share_event,
-    mention_pair, message_event, post_signed,
+    BOT_TOKEN,
+    SIGNING_SECRET,
+    TEAM_ID,
+    FakeSlack,
+    app_mention_with_files,
+    file_share_event,
+    mention_pair,
+    message_event,
+    post_signed,
 )
 
 CH = "C0IMPORT"
@@ -203,8 +216,6 @@ def test_slack_connect_file_is_looked_up_with_files_info(world: World) -> None:
 
 def test_network_failure_is_said_in_plain_words(world: World) -> None:
     world.start_project()
-    import socket
-
     with socket.socket() as s:  # a port nobody listens on, on the (fake) Slack host
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
