@@ -71,6 +71,9 @@ def _looks_utf16(content: bytes) -> bool:
 
 def _not_utf8(filename: str, content: bytes, e: UnicodeDecodeError) -> str:
     where = _spot(content, e.start)
+    if e.reason == "unexpected end of data":  # valid UTF-8 up to a cut-off last character
+        return (f"{filename} ends in the middle of a character (line {where.line}, byte "
+                f"{where.offset} of the file): it looks cut off. Upload it again.")
     bad = content[e.start : e.start + 1].hex().upper()
     guess = guess_legacy_encoding(content)
     msg = (f"{filename} is not UTF-8: byte 0x{bad} on line {where.line} (column "

@@ -90,3 +90,9 @@ def test_jsonl_line_separators_inside_strings_and_json_arrays() -> None:
         ("a", "b"), ("c", "d")]
     with pytest.raises(ValueError, match="item 2: empty response"):
         parse_import("a.json", b'[{"prompt": "a", "response": "b"}, {"prompt": "c", "response": ""}]')
+
+
+def test_a_cut_off_utf8_file_is_not_called_a_legacy_encoding() -> None:
+    content = '{"prompt": "café", "response": "ok"}\n{"prompt": "é'.encode()[:-1]
+    with pytest.raises(ValueError, match="ends in the middle of a character .*cut off"):
+        parse_import("cut.jsonl", content)
