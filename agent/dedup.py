@@ -179,7 +179,7 @@ class DedupIndex:
         self._sh: list[np.ndarray] = []
         self._sizes = np.empty(1024, dtype=np.int64)
         self._sig = np.empty((1024, NUM_PERM), dtype=np.uint32)
-        self._buckets: list[dict[bytes, list[int]]] = [{} for _ in range(BANDS)]
+        self._buckets: dict[bytes, list[int]] = {}  # band number + band values -> rows
 
     def __len__(self) -> int:
         return len(self._sh)
@@ -218,8 +218,9 @@ class DedupIndex:
 
     def _candidates(self, keys: list[bytes]) -> np.ndarray:
         seen: set[int] = set()
-        for band, key in enumerate(keys):
-            members = self._buckets[band].get(key)
+        get = self._buckets.get
+        for key in keys:
+            members = get(key)
             if members:
                 seen.update(members[-BUCKET_SCAN:])
         return np.fromiter(seen, dtype=np.int64, count=len(seen))
@@ -265,14 +266,19 @@ class DedupIndex:
         self._sig[idx] = sig
         self._sizes[idx] = sh.size
         self._sh.append(sh)
-        for band, key in enumerate(keys):
-            self._buckets[band].setdefault(key, []).append(idx)
+        new = self._buckets.setdefault
+        for key in keys:
+            new(key, []).append(idx)
+
+
+_BAND_PREFIX = [bytes([band]) for band in range(BANDS)]
 
 
 def _band_keys(sig: np.ndarray) -> list[bytes]:
+    """One bucket key per band: the band's number, then its ROWS signature values."""
     raw = sig.tobytes()
     step = ROWS * 4
-    return [raw[i * step : (i + 1) * step] for i in range(BANDS)]
+    return [p + raw[i * step : (i + 1) * step] for i, p in enumerate(_BAND_PREFIX)]
 
 
 @dataclass
