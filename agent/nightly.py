@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
+from agent.nodes_common import sentence
 from agent.ports import Notifier
 from jobs.judge import JudgeService, score, verdict
 from jobs.llm import LLM
@@ -160,7 +161,9 @@ class NightlyService:
         pid = int(project.id)  # type: ignore[arg-type]
         outcome = self.trainer.run(run_id, lambda _snap: None)
         if outcome.status not in ("succeeded", "stopped"):
-            return "failed", f"failed: training run {run_id} {outcome.status}: {outcome.error or 'no detail'}.", run_id
+            why = sentence(f"failed: training run {run_id} {outcome.status}: "
+                           f"{outcome.error or 'no detail'}")
+            return "failed", why, run_id
         test_ids = self._frozen_test_ids(pid)
         gens = {k: v for k, v in outcome.generations.items() if int(k) in test_ids}
         if not gens:

@@ -84,19 +84,17 @@ def guarded(name: str, on_error: str | Callable[[AgentState], str]) -> Callable[
 
 
 def route_import(value: Any, here: str) -> Command | None:
-    """At any waiting point, an uploaded file jumps to the import node."""
+    """At any waiting point, an uploaded file jumps to the import node.
+
+    The runner sends files already parsed, validated and deduplicated (agent/importing.py
+    PreparedImport.to_state: "examples", "stats"); "content" (raw text) is what older
+    checkpoints hold.
+    """
     if isinstance(value, dict) and value.get("action") == "import":
-        return Command(
-            goto="import_data",
-            update={
-                "pending_import": {
-                    "filename": str(value.get("filename", "upload.jsonl")),
-                    "content": str(value.get("content", "")),
-                    "user": str(value.get("user", "")),
-                },
-                "return_to": here,
-            },
-        )
+        keep = ("filename", "examples", "stats", "content", "user", "comment", "progress")
+        upload = {k: value[k] for k in keep if k in value}
+        upload.setdefault("filename", "upload.jsonl")
+        return Command(goto="import_data", update={"pending_import": upload, "return_to": here})
     return None
 
 
@@ -121,8 +119,9 @@ def retry_wait(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
     value = interrupt(
         {
             "kind": "retry",
-            "text": f"{STEP_LABELS.get(failed, failed)} failed: "
-            f"{state.get('error') or 'unknown error'}. Reply in this thread to try again.",
+            "text": sentence(f"{STEP_LABELS.get(failed, failed)} failed: "
+                             f"{state.get('error') or 'unknown error'}")
+            + " Reply in this thread to try again.",
             "node": failed,
             "step": STEP_LABELS.get(failed, failed),
         }
@@ -134,3 +133,10 @@ def retry_wait(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
     if failed == "define" and text:
         update["messages"] = [*state.get("messages", []), {"role": "user", "content": text}]
     return Command(goto=failed, update=update)
+
+
+def sentence(text: str) -> str:
+    """`text` ending in exactly one full stop (or its own ! ? …): no "..)." after errors
+    that already end in one."""
+    text = text.rstrip()
+    return text if text.endswith((".", "!", "?", "…")) else text + "."

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from langgraph.runtime import Runtime
 from langgraph.types import Command, interrupt
 
 from agent.context import AgentContext
-from agent.nodes_common import action_of, guarded, route_import, set_project
+from agent.nodes_common import action_of, guarded, route_import, sentence, set_project
 from agent.state import AgentState
 from storage.models import TaskSpecRow
 
@@ -155,54 +156,73 @@ def _finish_dataset(
     `gold` (user-edited examples, also in `pairs` and first there so dedup keeps them over
     generated near-copies) always go to the train split.
     """
-    from agent.data import (
-        content_hash,
-        dedup,
-        load_split,
-        split,
-        store_dataset,
-        to_jsonl,
-        validate,
-    )
-    from agent.spec import ExamplePair
+    from agent.data import dedup, validate
+
+    max_tokens = int((state.get("spec") or {}).get("max_output_tokens") or DEFAULT_MAX_TOKENS)
+    deduped = dedup(pairs)
+    valid, invalid = validate(list(deduped.kept), max_tokens)
+    counts = _Counts(rows=len(pairs),
+                     exact=_count(deduped.exact_dupes) + (stats.exact_dupes if stats else 0),
+                     near=_count(deduped.near_dupes) + (stats.near_dupes if stats else 0),
+                     invalid=len(invalid) + (stats.invalid if stats else 0))
+    if not valid:
+        raise ValueError(f"no usable examples left ({len(pairs)} in, {counts.exact + counts.near} "
+                         f"duplicates, {len(invalid)} invalid)")
+    return _store_dataset(state, ctx, valid, counts, source=source, label=label, gold=gold)
+
+
+@dataclass
+class _Counts:
+    rows: int  # examples in
+    exact: int
+    near: int
+    invalid: int
+
+
+def _store_dataset(
+    state: AgentState, ctx: AgentContext, valid: list[Any], counts: _Counts, *, source: str,
+    label: str, gold: list[Any] | None = None, progress: Any = None, note: str = "",
+) -> dict[str, Any]:
+    """split -> store (bulk) -> upload train JSONL -> summary, for clean examples."""
+    from agent.data import content_hash, split, store_dataset
 
     project_id = state["project_id"]
-    spec = state.get("spec") or {}
-    max_tokens = int(spec.get("max_output_tokens") or DEFAULT_MAX_TOKENS)
-    deduped = dedup(pairs)
-    n_exact = _count(deduped.exact_dupes) + (stats.exact_dupes if stats else 0)
-    n_near = _count(deduped.near_dupes) + (stats.near_dupes if stats else 0)
-    n_dupes = n_exact + n_near
-    valid, invalid = validate(list(deduped.kept), max_tokens)
-    n_invalid = len(invalid) + (stats.invalid if stats else 0)
-    if not valid:
-        raise ValueError(f"no usable examples left ({len(pairs)} in, {n_dupes} duplicates, "
-                         f"{len(invalid)} invalid)")
     seed = project_id
     gold_hashes = {content_hash(g) for g in gold or []}
     splits = split([p for p in valid if content_hash(p) not in gold_hashes], seed)
     splits["train"] = [p for p in valid if content_hash(p) in gold_hashes] + splits["train"]
     # examples the project already has (an overlapping file, a step re-run after a crash)
     # join this dataset with their old split, so the stored counts are the truth
-    dataset = store_dataset(ctx.db, project_id, splits, source, seed, n_dupes, n_invalid,
-                            adopt_existing=True)
+    dataset = store_dataset(ctx.db, project_id, splits, source, seed, counts.exact + counts.near,
+                            counts.invalid, adopt_existing=True)
+    if progress is not None:
+        progress.done(f"stored: {dataset.n_train:,} train / {dataset.n_val:,} val / "
+                      f"{dataset.n_test:,} test")
+    _upload_train(state, ctx, int(dataset.id))  # type: ignore[arg-type]
+    ctx.notifier.say(
+        state["thread_id"],
+        f"{label}: {counts.rows} examples in, {counts.exact + counts.near} duplicates dropped "
+        f"(exact {counts.exact}, near {counts.near}), "
+        f"{counts.invalid} invalid dropped. Split: {dataset.n_train} train / "
+        f"{dataset.n_val} val / {dataset.n_test} test.{note}",
+    )
+    set_project(ctx, project_id, status="ready")
+    return {"dataset_id": dataset.id, "pending_import": None, "error": None}
+
+
+def _upload_train(state: AgentState, ctx: AgentContext, dataset_id: int) -> None:
+    from agent.data import load_split, to_jsonl
+    from agent.spec import ExamplePair
+
+    spec = state.get("spec") or {}
     train = [ExamplePair(prompt=e.prompt, response=e.response, reference=e.reference)
-             for e in load_split(ctx.db, int(dataset.id), "train")]  # type: ignore[arg-type]
+             for e in load_split(ctx.db, dataset_id, "train")]
     name = str(spec.get("name") or "dataset")
     body = to_jsonl(train, str(spec.get("system_prompt") or ""))
     ctx.notifier.upload(
         state["thread_id"], f"{name}-train.jsonl", body, title=f"{name} training set",
         comment=f"{len(train)} training examples",
     )
-    ctx.notifier.say(
-        state["thread_id"],
-        f"{label}: {len(pairs)} examples in, {n_dupes} duplicates dropped "
-        f"(exact {n_exact}, near {n_near}), "
-        f"{n_invalid} invalid dropped. Split: {dataset.n_train} train / "
-        f"{dataset.n_val} val / {dataset.n_test} test.",
-    )
-    set_project(ctx, project_id, status="ready")
-    return {"dataset_id": dataset.id, "pending_import": None, "error": None}
 
 
 @guarded("generate", "review")
@@ -234,20 +254,42 @@ def generate(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
 
 @guarded("import_data", lambda state: state.get("return_to") or "retry_wait")
 def import_data(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
-    from agent.data import parse_import
+    """Store an upload the runner already prepared (agent/importing.py) as the dataset."""
+    from agent.importing import ImportRefused
 
     ctx = runtime.context
     upload = state.get("pending_import") or {}
-    filename = upload.get("filename", "upload")
-    back = state.get("return_to") or "retry_wait"
+    filename = str(upload.get("filename") or "upload")
+    progress = _upload_progress(ctx, state["thread_id"], upload)
     try:
-        pairs = parse_import(filename, upload.get("content", "").encode("utf-8"))
-    except ValueError as exc:
-        ctx.notifier.error(state["thread_id"], f"Couldn't import {filename}: {exc}")
-        return Command(goto=back, update={"pending_import": None})
-    if not pairs:
-        ctx.notifier.error(state["thread_id"], f"Couldn't import {filename}: it has no examples.")
-        return Command(goto=back, update={"pending_import": None})
-    update = _finish_dataset(state, ctx, pairs, "import", f"Imported {filename}")
+        prepared = _prepared(state, upload, progress)
+    except ImportRefused as exc:  # only the raw text of an older checkpoint gets here
+        ctx.notifier.error(state["thread_id"], f"Couldn't import {filename}: {sentence(str(exc))}")
+        return Command(goto=state.get("return_to") or "retry_wait",
+                       update={"pending_import": None})
+    counts = _Counts(prepared.rows, prepared.exact, prepared.near, prepared.invalid)
+    comment = str(upload.get("comment") or "").strip()
+    note = f" Your note with the file: “{comment[:300]}”" if comment else ""
+    update = _store_dataset(state, ctx, prepared.examples, counts, source="import",
+                            label=f"Imported {filename}", progress=progress, note=note)
     return Command(goto="estimate", update=update)
 
+
+def _upload_progress(ctx: AgentContext, thread_id: str, upload: dict[str, Any]) -> Any:
+    from agent.importing import ImportProgress
+
+    p = upload.get("progress") or {}
+    return ImportProgress(ctx.notifier, thread_id, str(p.get("key") or "import"),
+                          str(p.get("title") or ""), bool(p.get("enabled")),
+                          ctx.progress_interval_s, list(p.get("lines") or []))
+
+
+def _prepared(state: AgentState, upload: dict[str, Any], progress: Any) -> Any:
+    from agent.importing import PreparedImport, prepare_import
+
+    if "examples" in upload:
+        return PreparedImport.from_state(upload)
+    max_tokens = int((state.get("spec") or {}).get("max_output_tokens") or DEFAULT_MAX_TOKENS)
+    return prepare_import(str(upload.get("filename") or "upload"),
+                          str(upload.get("content") or "").encode("utf-8"),
+                          max_tokens=max_tokens, progress=progress)

@@ -16,6 +16,7 @@ from agent.nodes_common import (
     action_of,
     guarded,
     route_import,
+    sentence,
     set_project,
 )
 from agent.ports import Action
@@ -165,8 +166,8 @@ def train(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
         set_project(ctx, state["project_id"], status="failed")
         ctx.notifier.error(
             state["thread_id"],
-            f"Training run {run_id} failed: {outcome.error or 'unknown error'}. "
-            "You can launch again.",
+            sentence(f"Training run {run_id} failed: {outcome.error or 'unknown error'}")
+            + " You can launch again.",
         )
         return Command(goto="estimate", update={"run_id": None})
     update: dict[str, Any] = {

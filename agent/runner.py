@@ -21,7 +21,7 @@ from sqlmodel import select
 
 from agent.context import AgentContext
 from agent.graph import build_graph, make_checkpointer
-from agent.nodes_common import RunDetached, human_error
+from agent.nodes_common import RunDetached, human_error, sentence
 from agent.nodes_data import DEFAULT_MAX_TOKENS
 from storage.models import Project
 
@@ -119,28 +119,44 @@ class AgentRunner:
             self._invoke(thread_id, Command(resume={interrupt_id: value}))
             return True
 
-    def import_file(self, thread_id: str, user: str, filename: str, content: bytes) -> bool:
+    def import_file(
+        self, thread_id: str, user: str, filename: str, content: bytes, *, comment: str = "",
+        upload_id: str = "",
+    ) -> bool:
         """A file shared in the thread: imported at whatever point the thread waits.
 
-        When nothing waits (the project finished, or a run is training) the examples are
-        added to the project for the next retrain (nightly or a new launch).
+        The file is decoded, parsed, validated and deduplicated first, holding no lock
+        (agent/importing.py): one that can't be used is refused in plain words and the
+        thread's pending card stays as it was. When nothing waits (the project finished,
+        or a run is training) the examples are added for the next retrain. `comment` is
+        the text sent with the file: a note about it, never an answer to a question.
+        False when the thread has no project.
         """
+        from agent.importing import ImportProgress, ImportRefused, prepare_import
+
+        if self._project_id(thread_id) is None:
+            return False
+        progress = ImportProgress.for_upload(self.ctx.notifier, thread_id, filename, content,
+                                             upload_id=upload_id,
+                                             interval_s=self.ctx.progress_interval_s)
+        try:
+            prepared = prepare_import(filename, content, max_tokens=self._max_tokens(thread_id),
+                                      progress=progress)
+        except ImportRefused as exc:
+            self.ctx.notifier.error(thread_id, f"Couldn't import {filename}: {sentence(str(exc))}")
+            return True
         lock = self._lock(thread_id)
         if lock.acquire(timeout=IMPORT_LOCK_WAIT_S):
             try:
                 pending = self._interrupts(thread_id)
                 if pending:
-                    value = {
-                        "action": "import",
-                        "filename": filename,
-                        "content": content.decode("utf-8", errors="replace"),
-                        "user": user,
-                    }
+                    value = {"action": "import", "user": user, "comment": comment,
+                             **prepared.to_state(), "progress": _progress_state(progress)}
                     self._invoke(thread_id, Command(resume={pending[0].id: value}))
                     return True
             finally:
                 lock.release()
-        return self._add_examples(thread_id, filename, content)
+        return self._add_examples(thread_id, prepared, progress)
 
     def pending(self, thread_id: str) -> list[tuple[str, dict[str, Any]]]:
         return [(i.id, i.value) for i in self._interrupts(thread_id)]
@@ -197,30 +213,28 @@ class AgentRunner:
 
     # ---- internals --------------------------------------------------------------
 
-    def _add_examples(self, tid: str, filename: str, content: bytes) -> bool:
-        """Store an upload as new training examples of an existing project (no graph step)."""
-        from agent.data import dedup, parse_import, store_dataset, validate
+    def _add_examples(self, tid: str, prepared: Any, progress: Any) -> bool:
+        """Store a prepared upload as new training examples of the project (no graph step)."""
+        from agent.data import store_dataset
 
         project_id = self._project_id(tid)
         if project_id is None:
             return False
-        notifier = self.ctx.notifier
-        try:
-            pairs = parse_import(filename, content)
-        except ValueError as exc:
-            notifier.error(tid, f"Couldn't import {filename}: {exc}")
-            return True
-        deduped = dedup(pairs)
-        valid, invalid = validate(list(deduped.kept), DEFAULT_MAX_TOKENS)
-        ds = store_dataset(self.ctx.db, project_id, {"train": valid}, "import", project_id,
-                           deduped.dropped, len(invalid))
-        notifier.say(
+        ds = store_dataset(self.ctx.db, project_id, {"train": prepared.examples}, "import",
+                           project_id, prepared.dupes, prepared.invalid)
+        progress.done(f"stored: {ds.n_train:,} new training examples")
+        self.ctx.notifier.say(
             tid,
-            f"Added {ds.n_train} new examples from {filename} "
-            f"({len(pairs) - ds.n_train} duplicates, invalid or already known). They are used "
-            f"by the next retrain (`/tuner nightly on {project_id}` retrains nightly).",
+            f"Added {ds.n_train} new examples from {prepared.filename} "
+            f"({prepared.rows - ds.n_train} duplicates, invalid or already known). They are "
+            f"used by the next retrain (`/tuner nightly on {project_id}` retrains nightly).",
         )
         return True
+
+    def _max_tokens(self, tid: str) -> int:
+        """The response budget uploads are validated against: the spec's, else the default."""
+        spec = (self._state(tid).values or {}).get("spec") or {}
+        return int(spec.get("max_output_tokens") or DEFAULT_MAX_TOKENS)
 
     def _add_correction(self, tid: str, text: str) -> bool:
         from agent.data import parse_correction, store_dataset, validate
@@ -345,6 +359,12 @@ class AgentRunner:
             s.refresh(project)
             assert project.id is not None
             return project.id
+
+
+def _progress_state(progress: Any) -> dict[str, Any]:
+    """What the graph's import step needs to go on editing the same progress message."""
+    return {"key": progress.key, "title": progress.title, "enabled": progress.enabled,
+            "lines": list(progress.lines)}
 
 
 class _Held:

@@ -26,7 +26,9 @@ class AgentState(TypedDict, total=False):
     eval_summary: dict[str, float] | None  # win_rate, ci_low, ci_high for the deploy card
     deployment_id: int | None
     deploy_info: dict[str, str] | None  # endpoint_id, curl for the deployed card
-    pending_import: dict[str, str] | None  # {"filename", "content", "user"} until imported
+    # an upload until imported: {"filename", "examples", "stats", "user", "comment",
+    # "progress"} (agent/importing.py), or {"filename", "content"} from older checkpoints
+    pending_import: dict[str, Any] | None
     return_to: str | None  # waiting node to go back to when an import fails
     failed_node: str | None  # node to re-run from the retry card
     error: str | None

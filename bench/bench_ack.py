@@ -49,7 +49,7 @@ class SlowRunner:
     def resume(self, *_: Any) -> bool:
         return True
 
-    def import_file(self, *_: Any) -> bool:
+    def import_file(self, *_: Any, **__: Any) -> bool:
         return True
 
     def pending(self, _: str) -> list:

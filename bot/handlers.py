@@ -6,11 +6,9 @@ import json
 import logging
 import re
 import threading
-import urllib.request
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any, Protocol
-from urllib.parse import urlparse
 
 from slack_bolt import Ack, App, BoltContext
 from slack_sdk import WebClient
@@ -19,6 +17,7 @@ from sqlmodel import select
 
 from agent.data import parse_correction
 from bot import blocks as B
+from bot.files import DownloadError, SlackFiles
 from bot.home import HELP_TEXT, home_view, status_text
 from storage.redact import redact
 from bot.worker import ThreadWorker
@@ -27,8 +26,6 @@ from storage.models import Project
 from storage.settings import Settings
 
 log = logging.getLogger(__name__)
-
-MAX_IMPORT_BYTES = 20 * 1024 * 1024
 
 # What the app listens to and needs; manifest.yml must match (tests/test_cli.py checks it).
 EVENTS = ("app_mention", "message", "app_home_opened")
@@ -52,7 +49,8 @@ class Runner(Protocol):
     def start(self, *, team: str, channel: str, thread_ts: str, user: str, text: str) -> None: ...
     def reply(self, thread_id: str, user: str, text: str) -> bool: ...
     def resume(self, thread_id: str, interrupt_id: str, value: dict[str, Any]) -> bool: ...
-    def import_file(self, thread_id: str, user: str, filename: str, content: bytes) -> bool: ...
+    def import_file(self, thread_id: str, user: str, filename: str, content: bytes, *,
+                    comment: str = "", upload_id: str = "") -> bool: ...
     def pending(self, thread_id: str) -> list[tuple[str, Any]]: ...
 
 
@@ -157,17 +155,12 @@ class Handlers:
                        "I'm not enabled in this channel. Ask an admin to add it to "
                        "TUNER_ALLOWED_CHANNELS.")
             return
+        files = [f for f in event.get("files") or [] if isinstance(f, dict)]
         if in_project:
             assert thread_id is not None
-            files = event.get("files") or []
-            if subtype == "file_share" and files:
-                # own queue: the thread's queue may be blocked for hours by a training run;
-                # runner.import_file waits briefly for the thread, else keeps the data for
-                # the next retrain
-                for f in files:
-                    self._queue((client, channel, user, thread_ts), f"{thread_id}#import",
-                                self._import, client, thread_id, user, f)
-            if mentioned:  # a reply while it runs; starts over once the project finished
+            if files:  # the text sent with a file is a note about it, never an answer
+                self._queue_imports(client, channel, user, thread_ts, thread_id, files, text)
+            elif mentioned:  # a reply while it runs; starts over once the project finished
                 self._queue((client, channel, user, thread_ts), thread_id, self.runner.start,
                             team=team, channel=channel, thread_ts=thread_ts, user=user,
                             text=text)
@@ -183,6 +176,18 @@ class Handlers:
             self._started.add(new_id)
         self._queue((client, channel, user, root), new_id, self.runner.start, team=team,
                     channel=channel, thread_ts=root, user=user, text=text)
+        for f in files:  # a file on the starting mention: imported once the project exists
+            self._queue((client, channel, user, root), new_id, self._import, client, new_id,
+                        user, f, "")
+
+    def _queue_imports(self, client: WebClient, channel: str, user: str, thread_ts: str | None,
+                       thread_id: str, files: list[dict], comment: str) -> None:
+        """Own queue: the thread's queue may be blocked for hours by a training run;
+        runner.import_file waits briefly for the thread, else keeps the data for the next
+        retrain."""
+        for f in files:
+            self._queue((client, channel, user, thread_ts), f"{thread_id}#import",
+                        self._import, client, thread_id, user, f, comment)
 
     def on_home_opened(self, event: dict, client: WebClient) -> None:
         if event.get("tab", "home") != "home":
@@ -375,35 +380,23 @@ class Handlers:
         if not self.runner.resume(thread_id, interrupt_id, value):
             self._ephemeral(client, channel, user, thread_ts or None, ALREADY_HANDLED)
 
-    def _import(self, client: WebClient, thread_id: str, user: str, f: dict) -> None:
-        name = f.get("name") or "upload.jsonl"
+    def _import(self, client: WebClient, thread_id: str, user: str, f: dict,
+                comment: str = "") -> None:
+        """Check the size, download (bot/files.py) and hand the bytes to the runner."""
         channel = thread_id.split(":")[1]
         _, _, thread_ts = thread_id.split(":", 2)
+        files = SlackFiles(self.settings, client)
         try:
-            content = self._download(f)
-        except Exception as e:  # noqa: BLE001
-            log.warning("download of %s failed: %s", name, redact(str(e)))
-            self._post(client, channel, thread_ts, f":warning: Could not download `{name}`.")
+            f = files.resolve(f)
+            files.check_size(f)  # before any download
+            content = files.download(f)
+        except DownloadError as e:
+            log.warning("import of file %s refused: %s", f.get("id"), redact(str(e)))
+            self._post(client, channel, thread_ts, f":warning: {redact(str(e))}")
             return
-        self.runner.import_file(thread_id, user, name, content)
-
-    def _download(self, f: dict) -> bytes:
-        url = f.get("url_private_download") or f.get("url_private") or ""
-        if int(f.get("size") or 0) > MAX_IMPORT_BYTES:
-            raise ValueError("file too large")
-        host = urlparse(url).hostname or ""
-        trusted = {"files.slack.com", urlparse(self.settings.tuner_slack_api_url).hostname}
-        if host not in trusted:
-            raise ValueError(f"untrusted file host {host}")
-        token = self.settings.slack_bot_token
-        headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
-        req = urllib.request.Request(url, headers=headers)
-        opener = urllib.request.build_opener(_TokenSafeRedirect(trusted))
-        with opener.open(req, timeout=30) as resp:  # noqa: S310 (host checked)
-            data = resp.read(MAX_IMPORT_BYTES + 1)
-        if len(data) > MAX_IMPORT_BYTES:
-            raise ValueError("file too large")
-        return data
+        name = str(f.get("name") or f.get("title") or "upload.jsonl")
+        self.runner.import_file(thread_id, user, name, content, comment=comment,
+                                upload_id=str(f.get("id") or ""))
 
     def _publish_home(self, client: WebClient, user: str) -> None:
         try:
@@ -469,16 +462,3 @@ class Handlers:
                                       thread_ts=thread_ts or None)
         except SlackApiError as e:
             log.warning("chat.postEphemeral failed: %s", e.response.get("error"))
-
-
-class _TokenSafeRedirect(urllib.request.HTTPRedirectHandler):
-    """Follows redirects, but the bot token only ever goes to trusted Slack hosts."""
-
-    def __init__(self, trusted: set[str | None]) -> None:
-        self.trusted = trusted
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and urlparse(newurl).hostname not in self.trusted:
-            new.remove_header("Authorization")
-        return new

@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     tuner_allowed_channels: str = ""  # comma-separated channel ids; empty = everywhere
     tuner_project_budget_usd: float = 50.0
     tuner_default_examples: int = Field(default=1000, ge=1)
+    tuner_max_import_mb: int = Field(default=20, ge=1)  # largest file imported from a thread
     tuner_promotion_threshold: float = 0.5
     tuner_nightly_hour_utc: int = 3
     tuner_nightly_min_new_examples: int = 50

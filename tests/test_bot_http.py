@@ -64,8 +64,11 @@ class ScriptedRunner:
         pending.remove(interrupt_id)
         return True
 
-    def import_file(self, thread_id: str, user: str, filename: str, content: bytes) -> bool:
+    def import_file(self, thread_id: str, user: str, filename: str, content: bytes, *,
+                    comment: str = "", upload_id: str = "") -> bool:
         self.calls.append(("import", (thread_id, user, filename, content)))
+        if comment:
+            self.calls.append(("import_comment", comment))
         return True
 
     def pending(self, thread_id: str) -> list[tuple[str, Any]]:
@@ -457,7 +460,8 @@ def test_file_share_downloads_with_bot_token_and_imports(make_bot) -> None:
     bot.idle()
     assert bot.runner.of("import") == [
         (f"{TEAM_ID}:{CH}:900.000001", "U1", "data.jsonl", content)]
-    assert bot.fake.downloads == [(f["id"], f"Bearer {BOT_TOKEN}")]
+    # url_private_download redirects to a second Slack path, which needs the token too
+    assert bot.fake.downloads == [(f["id"], f"Bearer {BOT_TOKEN}")] * 2
 
 
 def test_file_from_untrusted_host_is_not_fetched(make_bot) -> None:
@@ -471,7 +475,7 @@ def test_file_from_untrusted_host_is_not_fetched(make_bot) -> None:
     bot.idle()
     assert bot.runner.of("import") == []
     msgs = bot.fake.wait_for(lambda: bot.fake.thread(CH, "910.000001"))
-    assert "Could not download" in msgs[-1]["text"]
+    assert "points outside Slack (169.254.169.254), so it was not fetched" in msgs[-1]["text"]
 
 
 def test_tuner_status_lists_projects_runs_deployments_and_spend(make_bot) -> None:

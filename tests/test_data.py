@@ -281,3 +281,24 @@ def test_near_dup_index_threshold_is_configurable():
     b = " ".join(ws)
     assert len(dedup([_p(a), _p(b)], threshold=0.99).kept) == 2
     assert data.jaccard(data.shingles(a), data.shingles(b)) > 0.7
+
+
+def test_dedup_catalog_rows_do_bounded_work_and_find_the_planted_dups():
+    """Rows sharing boilerplate (pairwise Jaccard ~0.5) used to make every kept row an
+    LSH candidate (quadratic). Exact checks per row are now capped; recall is unchanged."""
+    from agent.dedup import MAX_VERIFY, DedupIndex
+    from tests.datagen import catalog_pairs
+
+    pairs, planted = catalog_pairs(3000, seed=3)
+    index = DedupIndex()
+    res = dedup(pairs, index=index)
+    assert (len(res.exact_dupes), len(res.near_dupes)) == (planted.exact, planted.near)
+    assert index.max_verified <= MAX_VERIFY
+    assert index.verified <= 2 * len(pairs)  # the old scan did ~0.6 * n^2 / 2 checks
+
+
+def test_dedup_reports_progress():
+    pairs = [_p(words(f"s{i}", 25)) for i in range(12000)]
+    seen: list[tuple[int, int]] = []
+    dedup(pairs, on_progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(5000, 12000), (10000, 12000), (12000, 12000)]

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from bot.handlers import Handlers, Services
-from storage.db import Database
+from slack_sdk import WebClient
+
+from bot.files import SlackFiles
 from storage.settings import Settings
 
 TOKEN = "xoxb-download-test"
@@ -56,10 +57,9 @@ def test_token_only_follows_redirects_to_trusted_hosts(tmp_path, target_host: st
     try:
         settings = Settings(_env_file=None, slack_bot_token=TOKEN,  # type: ignore[call-arg]
                             tuner_slack_api_url=f"http://127.0.0.1:{start.port}/api/")
-        handlers = Handlers(settings, runner=None,  # type: ignore[arg-type]
-                            services=Services(db=Database(f"sqlite:///{tmp_path}/t.db")))
-        data = handlers._download({"url_private_download":
-                                   f"http://127.0.0.1:{start.port}/f/data.jsonl", "size": 10})
+        files = SlackFiles(settings, WebClient(token=TOKEN, base_url=settings.tuner_slack_api_url))
+        data = files.download({"url_private_download":
+                               f"http://127.0.0.1:{start.port}/f/data.jsonl", "size": 10})
         assert data.startswith(b'{"prompt"')
         assert start.seen == [f"Bearer {TOKEN}"]
         # 127.0.0.1 is the (fake) Slack host: still authorised; localhost is elsewhere
@@ -68,3 +68,24 @@ def test_token_only_follows_redirects_to_trusted_hosts(tmp_path, target_host: st
     finally:
         start.close()
         final.close()
+
+
+def test_sign_in_page_for_a_bad_token_is_named(tmp_path) -> None:
+    """Slack's file server answers a bad token with 200 + its HTML sign-in page; files.info
+    (invalid_auth) tells it apart from a missing scope. Nothing HTML is returned as data."""
+    from pydantic import SecretStr
+
+    from bot.files import DownloadError
+    from tests.fakes.slack_fake import FakeSlack
+
+    with FakeSlack() as fake:
+        f = fake.add_file("tickets.jsonl", b'{"prompt": "p", "response": "r"}\n')
+        settings = Settings(_env_file=None, slack_bot_token=SecretStr("xoxb-revoked"),  # type: ignore[call-arg]
+                            tuner_slack_api_url=fake.base_url)
+        files = SlackFiles(settings, WebClient(token="xoxb-revoked", base_url=fake.base_url))
+        with pytest.raises(DownloadError) as e:
+            files.download(files.resolve(f))
+        assert "sign-in page" in str(e.value)
+        assert "Slack refused the bot token (invalid_auth)" in str(e.value)
+        assert "SLACK_BOT_TOKEN" in str(e.value) and "xoxb-revoked" not in str(e.value)
+        assert fake.downloads == [(f["id"], "Bearer xoxb-revoked")]  # one hop: sign-in page

@@ -355,12 +355,13 @@ def test_import_then_launch_train_judge_and_skip(env: Env) -> None:
     env.trainer.budget_refusals = 1
     env.trainer.failures = 1
     env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1", text="triage")
-    env.only_pending("question")
-    # A broken file: clear error, and the same question is still answerable.
+    question_iid = env.only_pending("question")
+    asked = len(env.asks())
+    # A broken file: clear error, and the same question is still answerable (not re-asked).
     assert env.runner.import_file(TID, "U1", "bad.jsonl", b'{"prompt": "x"}\nnot json\n')
     errors = env.notifier.texts("error")
     assert len(errors) == 1 and errors[0].startswith("Couldn't import bad.jsonl:")
-    env.only_pending("question")
+    assert env.only_pending("question") == question_iid and len(env.asks()) == asked
 
     assert env.runner.import_file(TID, "U1", "tickets.jsonl", JSONL.encode())
     launch_iid = env.only_pending("launch")
@@ -570,3 +571,14 @@ def test_reimporting_an_overlapping_file_keeps_the_whole_dataset(env: Env) -> No
     assert "Split: " in env.notifier.texts("say")[-1]
     lines = env.notifier.texts("upload")[-1][1].decode().splitlines()
     assert len(lines) == second.n_train
+
+
+def test_an_upload_in_an_older_checkpoint_still_imports(env: Env) -> None:
+    """Before imports were prepared outside the graph, the resume value carried the raw
+    text ("content"); a thread checkpointed like that still imports after an upgrade."""
+    env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1", text="triage")
+    iid = env.only_pending("question")
+    assert env.runner.resume(TID, iid, {"action": "import", "filename": "old.jsonl",
+                                        "content": JSONL, "user": "U1"})
+    env.only_pending("launch")
+    assert any(t.startswith("Imported old.jsonl: 40 examples in") for t in env.notifier.texts("say"))

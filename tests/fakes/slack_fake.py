@@ -34,6 +34,13 @@ TEAM_ID = "T0FAKE"
 BOT_USER_ID = "UBOT0001"
 BOT_ID = "BBOT0001"
 APP_ID = "A0FAKE"
+DEFAULT_SCOPES = ("app_mentions:read", "channels:history", "groups:history", "chat:write",
+                  "commands", "files:read", "files:write")
+# What Slack's file server answers a download it won't serve (bad token, no files:read):
+# HTTP 200 with its HTML sign-in page, not an error (openclaw/openclaw#63523; slack-go/slack
+# #1284 "returns html instead of bytes"; "Browser not supported" page).
+LOGIN_PAGE = (b"<!DOCTYPE html><html lang=\"en-US\"><head><title>Sign in | Slack</title></head>"
+              b"<body><h1>Sign in to your workspace</h1></body></html>")
 
 
 @dataclass
@@ -61,6 +68,9 @@ class FakeSlack:
     ephemerals: list[dict[str, Any]] = field(default_factory=list)
     views: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the bot token's scopes, as files.info and the file server check them (files:read)
+    scopes: set[str] = field(default_factory=lambda: set(DEFAULT_SCOPES))
+    login_page_downloads: bool = False  # every file download answers the HTML sign-in page
     uploads: dict[str, bytes] = field(default_factory=dict)
     downloads: list[tuple[str, str | None]] = field(default_factory=list)
     acks: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -160,17 +170,30 @@ class FakeSlack:
                     raise AssertionError("timed out waiting for FakeSlack condition")
                 self._lock.wait(min(left, 0.05))
 
-    def add_file(self, name: str, content: bytes) -> dict[str, Any]:
-        """A file as Slack describes it in a file_share event (url_private on this fake)."""
+    def add_file(self, name: str, content: bytes, *, connect: bool = False,
+                 mimetype: str = "application/octet-stream", size: int | None = None,
+                 **extra: Any) -> dict[str, Any]:
+        """A file as Slack describes it in a message event's `files` (served by this fake).
+
+        `connect`: shared in a Slack Connect channel, where the event carries only
+        {"id", "file_access": "check_file_info"} and files.info gives the rest
+        (https://api.slack.com/apis/channels-between-orgs, "check_file_info").
+        `size` overrides the reported size (Slack reports the real one).
+        """
         fid = f"F{next(self._ids):08d}"
+        obj = {
+            "id": fid, "name": name, "title": name, "size": len(content) if size is None else size,
+            "mimetype": mimetype, "filetype": name.rsplit(".", 1)[-1], "mode": "hosted",
+            "is_external": False, "file_access": "visible",
+            "url_private": f"http://127.0.0.1:{self.port}/files-pri/{TEAM_ID}-{fid}/{name}",
+            "url_private_download":
+                f"http://127.0.0.1:{self.port}/files-pri/{TEAM_ID}-{fid}/download/{name}",
+            **extra,
+        }
         with self._lock:
             self.uploads[fid] = content
-            self.files[fid] = {"id": fid, "name": name}
-        return {
-            "id": fid, "name": name, "size": len(content), "mimetype": "application/octet-stream",
-            "url_private": f"http://127.0.0.1:{self.port}/files-pri/{fid}/{name}",
-            "url_private_download": f"http://127.0.0.1:{self.port}/files-pri/{fid}/download/{name}",
-        }
+            self.files[fid] = obj
+        return {"id": fid, "file_access": "check_file_info"} if connect else dict(obj)
 
     # ------------------------------------------------------------------ HTTP plumbing
     def _send(self, h: BaseHTTPRequestHandler, status: int, body: bytes, ctype: str) -> None:
@@ -185,22 +208,44 @@ class FakeSlack:
 
     def _http_get(self, h: BaseHTTPRequestHandler) -> None:
         path = urlparse(h.path).path
-        if path.startswith("/files-pri/"):
-            fid = path.split("/")[2]
-            auth = h.headers.get("Authorization")
-            with self._lock:
-                self.downloads.append((fid, auth))
-                self._lock.notify_all()
-            if auth != f"Bearer {self.bot_token}" or fid not in self.uploads:
-                self._send(h, 403 if fid in self.uploads else 404, b"<html>login</html>",
-                           "text/html")
-                return
-            self._send(h, 200, self.uploads[fid], "application/octet-stream")
+        if path.startswith(("/files-pri/", "/files-edge/")):
+            self._serve_file(h, path)
             return
         if path.startswith("/api/"):
             self._api(h, path[5:], dict(_flat(parse_qs(urlparse(h.path).query))))
             return
         self._send(h, 404, b"not found", "text/plain")
+
+    def _serve_file(self, h: BaseHTTPRequestHandler, path: str) -> None:
+        """url_private(_download) as Slack's file server answers it.
+
+        - needs `Authorization: Bearer <bot token>` with files:read; otherwise HTTP 200 and
+          the HTML sign-in page (see LOGIN_PAGE) - never a 401/403;
+        - url_private_download redirects (302) to a second Slack path that needs the token
+          too: only a CDN's presigned URL may do without it (nextlevelbuilder/goclaw#233);
+        - an unknown or deleted file is a 404.
+        """
+        parts = path.split("/")
+        fid = parts[2].split("-", 1)[-1]
+        auth = h.headers.get("Authorization")
+        with self._lock:
+            self.downloads.append((fid, auth))
+            self._lock.notify_all()
+            allowed = (auth == f"Bearer {self.bot_token}" and "files:read" in self.scopes
+                       and not self.login_page_downloads)
+            content = self.uploads.get(fid)
+        if not allowed:
+            self._send(h, 200, LOGIN_PAGE, "text/html; charset=utf-8")
+        elif content is None:
+            self._send(h, 404, b"<html><body>File not found</body></html>", "text/html")
+        elif parts[1] == "files-pri" and len(parts) > 3 and parts[3] == "download":
+            h.send_response(302)
+            h.send_header("Location", f"http://127.0.0.1:{self.port}/files-edge/{parts[2]}/"
+                                      f"{parts[-1]}?origin_team={TEAM_ID}")
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+        else:
+            self._send(h, 200, content, "application/octet-stream")
 
     def _http_post(self, h: BaseHTTPRequestHandler) -> None:
         url = urlparse(h.path)
@@ -369,6 +414,19 @@ class FakeSlack:
                 "files": out, "blocks": [], "bot_id": BOT_ID, "user": BOT_USER_ID})
         return {"ok": True, "files": out}
 
+    def _m_files_info(self, a: dict) -> dict:
+        """files.info: needs files:read (missing_scope names it, as Slack does:
+        {"ok": false, "error": "missing_scope", "needed": ..., "provided": ...});
+        https://api.slack.com/methods/files.info."""
+        if "files:read" not in self.scopes:
+            return {"ok": False, "error": "missing_scope", "needed": "files:read",
+                    "provided": ",".join(sorted(self.scopes))}
+        f = self.files.get(a.get("file") or "")
+        if f is None or f.get("id") not in self.uploads:
+            return {"ok": False, "error": "file_not_found"}
+        return {"ok": True, "file": dict(f), "comments": [], "response_metadata":
+                {"next_cursor": ""}}
+
     def _m_apps_connections_open(self, a: dict) -> dict:
         return {"ok": True, "url": f"ws://127.0.0.1:{self._ws_port}/link?ticket=fake"}
 
@@ -480,6 +538,33 @@ def message_event(
 ) -> dict[str, Any]:
     ev = {"type": "message", "channel_type": "channel", "user": user, "channel": channel,
           "ts": ts, "team": TEAM_ID, "text": text, "event_ts": ts, **extra}
+    if thread_ts:
+        ev["thread_ts"] = thread_ts
+    return event_callback(ev)
+
+
+def file_share_event(
+    user: str, channel: str, ts: str, text: str, files: list[dict[str, Any]],
+    thread_ts: str | None = None,
+) -> dict[str, Any]:
+    """A message with files, as Slack delivers it: subtype file_share, `upload`, and no
+    `team` key (slackapi/slack-api-specs#62). A mention with a file may come only like this,
+    with no app_mention event at all (slackapi/bolt-python#925); an app_mention that does
+    come carries `files` too (bolt-js#2056): `app_mention_with_files`."""
+    ev = {"type": "message", "subtype": "file_share", "channel_type": "channel", "user": user,
+          "channel": channel, "ts": ts, "text": text, "event_ts": ts, "files": files,
+          "upload": True, "display_as_bot": False}
+    if thread_ts:
+        ev["thread_ts"] = thread_ts
+    return event_callback(ev)
+
+
+def app_mention_with_files(
+    user: str, channel: str, ts: str, text: str, files: list[dict[str, Any]],
+    thread_ts: str | None = None,
+) -> dict[str, Any]:
+    ev = {"type": "app_mention", "user": user, "channel": channel, "ts": ts, "team": TEAM_ID,
+          "text": f"<@{BOT_USER_ID}> {text}", "event_ts": ts, "files": files, "upload": False}
     if thread_ts:
         ev["thread_ts"] = thread_ts
     return event_callback(ev)
