@@ -873,7 +873,9 @@ def test_push_puts_a_loadable_merged_model_and_the_adapter_on_the_hub(
     body = job_body("job-push", hf_repo="acme/tuner-p1-r1", max_steps=40, eval_steps=1)
     p, seen = run_to_end(pod_, body)
     assert p.state == "succeeded", p.error
-    assert {"training", "generating", "exporting"} <= seen
+    # "generating" is too short on the tiny model to be seen reliably by polling on a busy
+    # machine; "exporting" lasts at least the fake Hub's commit delay.
+    assert {"training", "exporting"} <= seen
     assert [s for s, _ in p.eval_loss] == list(range(4, 41, 4))  # eval_steps 1 widened: 10 evals
     res = Results.model_validate_json(pod_.http.get("/results").content)
     assert res.hf_repo == "acme/tuner-p1-r1"
