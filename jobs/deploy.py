@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 from sqlmodel import col, select
 
+from jobs.export_report import no_model_reason
 from jobs.serverless import PENDING, TERMINAL_BAD, TERMINAL_OK, ServerlessClient, ServerlessError
 from storage import spend
 from storage.db import Database
@@ -86,13 +87,8 @@ def model_ref_for(run: Run, settings: Settings) -> str:
         if repo:
             return repo
     where = f"only at {uri}" if uri else "nowhere (the run has no artifact)"
-    push_error = (run.config or {}).get("hf_error")
-    if push_error:
-        fix = (f"The push to the Hub failed on the pod ({push_error}); fix that (token scope, "
-               "namespace) and retrain, then deploy again.")
-    else:
-        fix = ("Serverless workers download the model from the Hub, so set HF_TOKEN and "
-               "TUNER_HF_NAMESPACE and retrain to push the merged model there, then deploy again.")
+    fix = no_model_reason(run.config or {}, namespace=settings.tuner_hf_namespace,
+                          hub_configured=bool(settings.hf_token and settings.tuner_hf_namespace))
     raise DeployError(f"Run {run.id}'s model is {where}, not on the Hugging Face Hub. {fix}")
 
 
