@@ -6,7 +6,10 @@ CPU only: a tiny random Llama + locally trained tokenizer (no hub), a learnable 
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import io
+import itertools
 import json
 import os
 import random
@@ -22,7 +25,9 @@ from typing import Any
 import httpx
 import pytest
 
-from jobs.podproto import ADAPTER_ARTIFACT, TERMINAL_STATES, Progress, Results
+from jobs import train as pod
+from jobs.podproto import ADAPTER_ARTIFACT, TERMINAL_STATES, ChatRow, JobRequest, Progress, Results, TrainConfig
+from tests.fakes.hf_fake import FakeHub
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "pod-secret-token-4f9a"
@@ -35,8 +40,8 @@ def free_port() -> int:
 
 
 class Pod:
-    def __init__(self, proc: subprocess.Popen[bytes], base: str, log_path: Path) -> None:
-        self.proc, self.base, self.log_path = proc, base, log_path
+    def __init__(self, proc: subprocess.Popen[bytes], base: str, log_path: Path, workdir: Path) -> None:
+        self.proc, self.base, self.log_path, self.workdir = proc, base, log_path, workdir
         self.http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
 
     def log(self) -> str:
@@ -62,23 +67,24 @@ class Pod:
 def start_pod(tmp_path: Path) -> Iterator[Callable[..., Pod]]:
     pods: list[Pod] = []
 
-    def start(as_script: bool = False) -> Pod:
+    def start(as_script: bool = False, env: dict[str, str] | None = None, workdir: Path | None = None) -> Pod:
         port = free_port()
         env = {
             **os.environ,
             "TUNER_POD_TOKEN": TOKEN,
             "TUNER_POD_PORT": str(port),
-            "TUNER_WORKDIR": str(tmp_path / f"work{len(pods)}"),
+            "TUNER_WORKDIR": str(workdir or tmp_path / f"work{len(pods)}"),
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "HF_TOKEN": "",
             "TOKENIZERS_PARALLELISM": "false",
+            **(env or {}),
         }
         cmd = [sys.executable, "jobs/train.py"] if as_script else [sys.executable, "-m", "jobs.train"]
         log_path = tmp_path / f"pod{len(pods)}.log"
         with log_path.open("wb") as fh:
             proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        pod = Pod(proc, f"http://127.0.0.1:{port}", log_path)
+        pod = Pod(proc, f"http://127.0.0.1:{port}", log_path, Path(env["TUNER_WORKDIR"]))
         pods.append(pod)
         deadline = time.monotonic() + 30
         while True:
@@ -190,13 +196,13 @@ def test_train_succeeds_with_decreasing_eval_loss(start_pod: Callable[..., Pod])
     assert [g.id for g in res.generations] == ["p0", "p1", "p2"]
     assert all(isinstance(g.output, str) for g in res.generations)
     assert any(g.output.strip() for g in res.generations)
-    assert res.artifacts == [ADAPTER_ARTIFACT]
-    assert res.hf_repo is None and "hf_pushed" not in res.extra  # no HF_TOKEN: no push
+    assert res.artifacts == [ADAPTER_ARTIFACT] and res.export.adapter
+    assert res.stop_reason is None and p.stop_reason is None and res.extra["eval_steps"] == 10
     check_adapter_tarball(pod)
-    merged = Path(res.extra["merged_dir"])  # save_merged defaults on: a plain 16-bit model dir
-    assert json.loads((merged / "config.json").read_text())["model_type"] == "llama"
-    assert (merged / "model.safetensors").stat().st_size > 10_000
-    assert not (merged / "adapter_config.json").exists()
+    # hf_repo is set but the pod has no HF_TOKEN: nothing leaves the pod, so no 16-bit merge is built
+    assert res.hf_repo is None and not res.export.merged and not res.export.pushed
+    assert res.export.push_error == "not pushed: no HF_TOKEN on the pod" == res.extra["hf_error"]
+    assert not (pod.workdir / "merged").exists()
     assert pod.http.get("/artifacts/nope.tar.gz").status_code == 404
     assert pod.http.get("/artifacts/..%2Fpod0.log").status_code == 404
     assert TOKEN not in pod.log()
@@ -204,15 +210,17 @@ def test_train_succeeds_with_decreasing_eval_loss(start_pod: Callable[..., Pod])
 
 def test_stop_keeps_best_checkpoint(start_pod: Callable[..., Pod]) -> None:
     pod = start_pod()
-    body = job_body("job-stop", max_steps=3000, early_stopping_patience=100, save_merged=False)
+    # 200 planned steps: eval_steps 10 is widened to 20 (at most 10 evals a run)
+    body = job_body("job-stop", max_steps=200, eval_steps=10, early_stopping_patience=100, save_merged=False)
     assert pod.http.post("/job", json=body).status_code == 202
-    pod.wait(lambda p: len(p.eval_loss) >= 2 or p.state in TERMINAL_STATES)
+    pod.wait(lambda p: len(p.eval_loss) >= 2 or p.state in TERMINAL_STATES, timeout=300)
 
     r = pod.http.post("/stop")
     assert r.status_code == 202
     p = pod.wait(lambda p: p.state in TERMINAL_STATES)
-    assert p.state == "stopped", p.error
-    assert 20 <= p.step < 3000
+    assert p.state == "stopped" and p.stop_reason == "user", p.error
+    assert 40 <= p.step < 200
+    assert [s for s, _ in p.eval_loss][:2] == [20, 40]
     assert p.eta_s == 0.0
     losses = [loss for _, loss in p.eval_loss]
     assert p.eval_loss[-1][0] == p.step  # a final eval ran at the stop step
@@ -220,11 +228,11 @@ def test_stop_keeps_best_checkpoint(start_pod: Callable[..., Pod]) -> None:
     assert p.best_step == p.eval_loss[losses.index(min(losses))][0]
 
     res = Results.model_validate_json(pod.http.get("/results").content)
-    assert res.state == "stopped"
+    assert res.state == "stopped" and res.stop_reason == "user"
     assert res.best_eval_loss == p.best_eval_loss and res.best_step == p.best_step
     assert res.extra["trainer_best_step"] == p.best_step
     assert res.extra["final_eval_loss"] == pytest.approx(p.best_eval_loss, rel=1e-4)
-    assert "merged_dir" not in res.extra
+    assert not res.export.merged
     assert len(res.generations) == 3
     check_adapter_tarball(pod)
 
@@ -239,7 +247,7 @@ def test_bad_job_fails_and_server_keeps_answering(start_pod: Callable[..., Pod])
     body["train"] = []
     assert pod.http.post("/job", json=body).status_code == 202
     p = pod.wait(lambda p: p.state in TERMINAL_STATES, timeout=30)
-    assert p.state == "failed"
+    assert p.state == "failed" and p.error_code == "bad_job"
     assert p.error is not None and "train split is empty" in p.error
     assert pod.http.get("/results").status_code == 409
     assert pod.http.get(f"/artifacts/{ADAPTER_ARTIFACT}").status_code == 404
@@ -253,7 +261,7 @@ def test_assistant_turn_required(start_pod: Callable[..., Pod]) -> None:
     body["val"][3]["messages"] = body["val"][3]["messages"][:-1]
     assert pod.http.post("/job", json=body).status_code == 202
     p = pod.wait(lambda p: p.state in TERMINAL_STATES, timeout=30)
-    assert p.state == "failed" and p.error is not None and "val[3]" in p.error
+    assert p.state == "failed" and p.error is not None and "val[3]" in p.error and p.error_code == "bad_job"
 
 
 def test_early_stopping_keeps_best_not_last(start_pod: Callable[..., Pod]) -> None:
@@ -261,14 +269,14 @@ def test_early_stopping_keeps_best_not_last(start_pod: Callable[..., Pod]) -> No
     run, and the model kept is the best checkpoint, not the last one."""
     pod = start_pod()
     body = job_body(
-        "job-es", max_steps=400, eval_steps=5, batch_size=4, learning_rate=2e-2,
+        "job-es", max_steps=100, eval_steps=10, batch_size=4, learning_rate=2e-2,
         early_stopping_patience=2, warmup_ratio=0.0, save_merged=False,
     )
     body["train"] = body["train"][:8]
     assert pod.http.post("/job", json=body).status_code == 202
-    p = pod.wait(lambda p: p.state in TERMINAL_STATES)
-    assert p.state == "succeeded", p.error
-    assert p.step < 400  # stopped early
+    p = pod.wait(lambda p: p.state in TERMINAL_STATES, timeout=300)
+    assert p.state == "succeeded" and p.stop_reason == "early_stopping", p.error
+    assert p.step < 100  # stopped early
     steps = [s for s, _ in p.eval_loss]
     losses = [loss for _, loss in p.eval_loss]
     best_i = losses.index(min(losses))
@@ -276,7 +284,7 @@ def test_early_stopping_keeps_best_not_last(start_pod: Callable[..., Pod]) -> No
     assert len(losses) - 1 - best_i == 2  # exactly `patience` evals without improvement
     assert losses[-1] > p.best_eval_loss
     res = Results.model_validate_json(pod.http.get("/results").content)
-    assert res.best_step == p.best_step < p.step
+    assert res.best_step == p.best_step < p.step and res.stop_reason == "early_stopping"
     final = res.extra["final_eval_loss"]
     assert final == pytest.approx(p.best_eval_loss, rel=1e-4)  # best weights reloaded...
     assert final != pytest.approx(losses[-1], rel=1e-3)  # ...not the last ones
@@ -286,11 +294,6 @@ def test_early_stopping_keeps_best_not_last(start_pod: Callable[..., Pod]) -> No
 # GPU-path decisions, checked on CPU as pure functions (no GPU, no unsloth needed)
 # ---------------------------------------------------------------------------
 
-import dataclasses  # noqa: E402
-import itertools  # noqa: E402
-
-from jobs import train as pod  # noqa: E402
-from jobs.podproto import ChatRow, TrainConfig  # noqa: E402
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -423,11 +426,14 @@ def test_merge_and_gguf_decisions() -> None:
     def which(tools: set[str]) -> Callable[[str], str | None]:
         return lambda name: f"/usr/bin/{name}" if name in tools else None
 
-    assert pod.gguf_skip_reason(cfg, uns, which({"git", "make", "gcc"})) is None
-    assert pod.gguf_skip_reason(cfg, uns, which({"git", "cmake", "cc"})) is None
-    assert pod.gguf_skip_reason(cfg, uns, which({"gcc"})) == "image lacks git, cmake or make to build llama.cpp"
-    assert "unsloth" in (pod.gguf_skip_reason(cfg, qlora, which({"git", "make", "gcc"})) or "")
-    assert pod.gguf_skip_reason(TrainConfig(job_id="j"), uns, which({"git", "make", "gcc"})) == "not requested"
+    none = "/nonexistent/llama.cpp"  # no prebuilt llama.cpp: unsloth would have to build one
+    assert pod.gguf_skip_reason(cfg, uns, which({"git", "make", "gcc"}), none) is None
+    assert pod.gguf_skip_reason(cfg, uns, which({"git", "cmake", "cc"}), none) is None
+    assert pod.gguf_skip_reason(cfg, uns, which({"gcc"}), none) == "image lacks git, cmake or make to build llama.cpp"
+    assert "unsloth" in (pod.gguf_skip_reason(cfg, qlora, which({"git", "make", "gcc"}), none) or "")
+    assert pod.gguf_skip_reason(TrainConfig(job_id="j"), uns, which({"git", "make", "gcc"}), none) == "not requested"
+    # the unsloth image ships a prebuilt llama.cpp (UNSLOTH_LLAMA_CPP_PATH=/opt/unsloth/llama.cpp) and no cmake
+    assert pod.gguf_skip_reason(cfg, uns, which({"gcc"}), str(Path(__file__).parent)) is None
 
 
 def _tiny_tokenizer() -> Any:
@@ -487,3 +493,357 @@ def test_truncation_keeps_mask_and_drops_rows_with_no_answer_left() -> None:
     assert cut["labels"][:n_prompt] == [-100] * n_prompt and cut["labels"][-1] != -100
     with pytest.raises(ValueError, match="truncated away"):
         pod.tokenize_rows(tok, [ROW], max_len=n_prompt)
+
+
+# ---------------------------------------------------------------------------
+# Library kwargs against the libraries' real signatures
+# ---------------------------------------------------------------------------
+
+# unsloth is not installed here (it needs a GPU). Parameter names copied from its real source:
+# the PyPI wheel unsloth-2026.10.9-py3-none-any.whl, unsloth/models/loader.py
+# FastLanguageModel.from_pretrained; unsloth/models/llama.py FastLlamaModel.get_peft_model (which
+# FastLanguageModel.get_peft_model forwards to); unsloth/save.py unsloth_save_pretrained_merged and
+# unsloth_save_pretrained_gguf (bound as model.save_pretrained_merged / save_pretrained_gguf).
+UNSLOTH_FROM_PRETRAINED = {
+    "model_name", "max_seq_length", "dtype", "load_in_4bit", "load_in_8bit", "load_in_16bit",
+    "full_finetuning", "token", "device_map", "device_map_planner_kwargs", "rope_scaling", "fix_tokenizer",
+    "trust_remote_code", "use_gradient_checkpointing", "resize_model_vocab", "revision",
+    "use_exact_model_name", "offload_embedding", "float32_mixed_precision", "fast_inference",
+    "gpu_memory_utilization", "float8_kv_cache", "random_state", "max_lora_rank", "disable_log_stats",
+    "qat_scheme", "load_in_fp8", "unsloth_tiled_mlp", "text_only", "on_model_resolved",
+}
+UNSLOTH_GET_PEFT_MODEL = {
+    "model", "r", "target_modules", "lora_alpha", "lora_dropout", "bias", "layers_to_transform",
+    "layers_pattern", "finetune_last_n_layers", "use_gradient_checkpointing", "random_state",
+    "max_seq_length", "use_rslora", "modules_to_save", "init_lora_weights", "loftq_config",
+    "temporary_location", "qat_scheme", "target_parameters", "ensure_weight_tying", "offload_layers",
+    "checkpoint_skip_layers",
+}
+UNSLOTH_SAVE_MERGED = {"self", "save_directory", "tokenizer", "save_method", "push_to_hub", "token"}  # a subset
+UNSLOTH_SAVE_GGUF = {"self", "save_directory", "tokenizer", "quantization_method", "first_conversion"}  # subset
+
+
+def test_unsloth_kwargs_exist_in_unsloths_real_signatures() -> None:
+    cfg = TrainConfig(job_id="j")
+    assert set(pod.unsloth_load_kwargs(cfg, gpu_plan(cfg), "hf_x")) <= UNSLOTH_FROM_PRETRAINED
+    assert set(pod.unsloth_peft_kwargs(cfg)) <= UNSLOTH_GET_PEFT_MODEL
+    src = inspect.getsource(pod.merge_16bit) + inspect.getsource(pod.export_gguf)
+    assert 'save_pretrained_merged(str(merged_dir), tokenizer, save_method="merged_16bit")' in src
+    assert "save_pretrained_gguf(str(gguf_dir), tokenizer, quantization_method=GGUF_QUANT)" in src
+    assert {"save_method", "tokenizer"} <= UNSLOTH_SAVE_MERGED and "quantization_method" in UNSLOTH_SAVE_GGUF
+
+
+def test_hub_and_generate_kwargs_exist_in_installed_signatures() -> None:
+    from huggingface_hub import HfApi
+    from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback
+
+    assert {"private", "exist_ok"} <= set(inspect.signature(HfApi.create_repo).parameters)
+    assert {"operations", "commit_message"} <= set(inspect.signature(HfApi.create_commit).parameters)
+    assert {"padding", "label_pad_token_id"} <= {f.name for f in dataclasses.fields(DataCollatorForSeq2Seq)}
+    assert "early_stopping_patience" in inspect.signature(EarlyStoppingCallback).parameters
+
+
+# ---------------------------------------------------------------------------
+# At most MAX_EVALS evaluations per run (+ the final one)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cfg_kw,n_train,expect",
+    [
+        ({"max_steps": 1000, "eval_steps": 1}, 100, 100),  # 1000 evals asked: widened to 10
+        ({"max_steps": 200, "eval_steps": 25}, 100, 25),  # 8 evals: kept
+        ({"max_steps": 95, "eval_steps": 5}, 100, 10),  # ceil(95 / 10)
+        ({"num_epochs": 3.0, "eval_steps": 20, "batch_size": 8}, 800, 30),  # 300 planned steps
+        ({"num_epochs": 1.0, "eval_steps": 200, "batch_size": 8}, 800, 200),  # fewer than 10: kept
+    ],
+)
+def test_eval_steps_are_widened_to_at_most_ten_evals(cfg_kw: dict[str, Any], n_train: int, expect: int,
+                                                     tmp_path: Path) -> None:
+    from trl import SFTConfig
+
+    cfg = TrainConfig(job_id="j", **cfg_kw)
+    plan = pod.make_plan(cfg, cuda=False, bf16_supported=False, unsloth_ok=False, bnb_ok=False)
+    kw = pod.sft_config_kwargs(cfg, plan, str(tmp_path), n_train=n_train)
+    assert kw["eval_steps"] == kw["save_steps"] == expect  # checkpoints follow the evals
+    assert pod.planned_steps(cfg, n_train) // kw["eval_steps"] <= pod.MAX_EVALS
+    args = SFTConfig(**kw)
+    assert args.eval_steps == args.save_steps == expect
+
+
+# ---------------------------------------------------------------------------
+# CUDA guard: pure judgement of injected facts, plus the real probe through the server
+# ---------------------------------------------------------------------------
+
+SMI_OLD_DRIVER = """\
+Thu Dec  3 10:00:00 2026
++-----------------------------------------------------------------------------------------+
+| NVIDIA-SMI 535.104.05             Driver Version: 535.104.05   CUDA Version: 12.2     |
+|-----------------------------------------+------------------------+----------------------+
+| GPU  Name                 Persistence-M | Bus-Id          Disp.A | Volatile Uncorr. ECC |
+|   0  NVIDIA A40                     On  |   00000000:01:00.0 Off |                    0 |
++-----------------------------------------+------------------------+----------------------+
+"""
+
+
+def facts(**kw: Any) -> pod.CudaFacts:
+    base: dict[str, Any] = {"torch_version": "2.11.0+cu128", "torch_cuda": "12.8", "cuda_available": True,
+                            "device_count": 1, "torch_error": None, "driver": "570.86.15",
+                            "smi_line": "NVIDIA-SMI 570.86.15  Driver Version: 570.86.15  CUDA Version: 12.8"}
+    return pod.CudaFacts(**{**base, **kw})
+
+
+def test_parse_nvidia_smi_header_and_errors() -> None:
+    line, driver, cuda = pod.parse_nvidia_smi(SMI_OLD_DRIVER)
+    assert line == "NVIDIA-SMI 535.104.05  Driver Version: 535.104.05  CUDA Version: 12.2"
+    assert (driver, cuda) == ("535.104.05", "12.2")
+    err = "Failed to initialize NVML: Driver/library version mismatch\nNVML library version: 550.54\n"
+    assert pod.parse_nvidia_smi(err) == ("Failed to initialize NVML: Driver/library version mismatch", None, None)
+
+
+def test_cuda_problem_explains_each_failure_with_the_facts() -> None:
+    assert pod.cuda_problem(facts()) is None
+    old = pod.cuda_problem(facts(
+        cuda_available=False, device_count=0, driver="535.104.05", smi_line=pod.parse_nvidia_smi(SMI_OLD_DRIVER)[0],
+        torch_error="CUDA initialization: The NVIDIA driver on your system is too old (found version 12020)"))
+    assert old is not None
+    assert "the host driver supports CUDA 12.2 at most, older than the CUDA 12.8 this image's torch needs" in old
+    assert "driver 535.104.05" in old and "torch 2.11.0+cu128 built for CUDA 12.8" in old
+    assert "nvidia-smi: NVIDIA-SMI 535.104.05  Driver Version: 535.104.05  CUDA Version: 12.2" in old
+    assert "driver on your system is too old" in old
+    no_gpu = pod.cuda_problem(facts(cuda_available=False, device_count=0, driver=None, smi_line=None))
+    assert no_gpu is not None and "no NVIDIA GPU or driver is visible" in no_gpu
+    assert "nvidia-smi: nvidia-smi not found" in no_gpu and "driver unknown" in no_gpu
+    cpu_build = pod.cuda_problem(facts(torch_version="2.13.0+cpu", torch_cuda=None, cuda_available=False,
+                                       device_count=0))
+    assert cpu_build is not None and "no CUDA (CPU-only build)" in cpu_build and "no CUDA support" in cpu_build
+    assert pod.cuda_problem(facts(device_count=0)) is not None  # "available" with no device is not usable
+
+
+def test_check_cuda_only_guards_real_jobs() -> None:
+    calls: list[int] = []
+
+    def broken() -> pod.CudaFacts:
+        calls.append(1)
+        return facts(cuda_available=False, device_count=0)
+
+    pod.check_cuda(TrainConfig(job_id="j", tiny_random_model=True), broken)  # the tiny model is CPU-only
+    pod.check_cuda(TrainConfig(job_id="j", require_cuda=False), broken)
+    assert calls == []
+    pod.check_cuda(TrainConfig(job_id="j"), facts)
+    with pytest.raises(pod.JobFailure) as err:
+        pod.check_cuda(TrainConfig(job_id="j"), broken)
+    assert err.value.code == "cuda_unavailable" and calls == [1]
+
+
+@pytest.mark.parametrize("smi", ["absent", "old-driver"])
+def test_real_job_fails_fast_without_usable_cuda(start_pod: Callable[..., Pod], tmp_path: Path, smi: str) -> None:
+    """This machine's torch is a CPU build: a real job (not the tiny model) must refuse at once, before
+    any model is loaded (its base model path does not even exist), quoting the facts."""
+    import torch
+
+    path = [d for d in os.environ["PATH"].split(os.pathsep) if not (Path(d) / "nvidia-smi").exists()]
+    if smi == "old-driver":
+        shims = tmp_path / "bin"
+        shims.mkdir()
+        (shims / "nvidia-smi").write_text(f"#!/bin/sh\ncat <<'EOF'\n{SMI_OLD_DRIVER}EOF\n")
+        (shims / "nvidia-smi").chmod(0o755)
+        path.insert(0, str(shims))
+    pod_ = start_pod(env={"PATH": os.pathsep.join(path)})
+    body = job_body("job-cuda", tiny_random_model=False, require_cuda=True, base_model=str(tmp_path / "no-model"))
+    assert pod_.http.post("/job", json=body).status_code == 202
+    p = pod_.wait(lambda p: p.state in TERMINAL_STATES, timeout=120)
+    assert p.state == "failed" and p.error_code == "cuda_unavailable", p.error
+    assert p.error is not None and p.error.startswith("CUDA is not usable on this pod")
+    assert f"torch {torch.__version__} built for no CUDA (CPU-only build)" in p.error
+    if smi == "absent":
+        assert "nvidia-smi: nvidia-smi not found" in p.error and "driver unknown" in p.error
+    else:
+        assert "nvidia-smi: NVIDIA-SMI 535.104.05  Driver Version: 535.104.05  CUDA Version: 12.2" in p.error
+        assert "driver 535.104.05" in p.error
+    assert p.step == 0 and p.backend == "" and p.elapsed_s < 60  # before any model or trainer
+    assert pod_.http.get("/results").status_code == 409
+
+
+# ---------------------------------------------------------------------------
+# The spec's base model is what the pod loads
+# ---------------------------------------------------------------------------
+
+
+def save_local_base(model_dir: Path) -> None:
+    rows = [m["content"] for r in reverse_rows(64, random.Random(1)) for m in r["messages"]]
+    tok = pod.build_tiny_tokenizer(rows)
+    pod.build_tiny_llama(tok, seed=1, max_len=64).save_pretrained(str(model_dir))
+    tok.save_pretrained(str(model_dir))
+
+
+def test_spec_base_model_is_the_model_the_pod_loads(start_pod: Callable[..., Pod], tmp_path: Path) -> None:
+    """A real (non-tiny) job through the real from_pretrained path: offline, only the spec's model
+    (a local directory here) can load; the default model would fail."""
+    base = tmp_path / "spec-base-model"
+    save_local_base(base)
+    pod_ = start_pod()
+    body = job_body("job-base", tiny_random_model=False, require_cuda=False, base_model=str(base),
+                    max_steps=6, eval_steps=3, save_merged=False)
+    assert pod_.http.post("/job", json=body).status_code == 202
+    p = pod_.wait(lambda p: p.state in TERMINAL_STATES, timeout=300)
+    assert p.state == "succeeded", p.error
+    res = Results.model_validate_json(pod_.http.get("/results").content)
+    assert res.extra["base_model"] == str(base)
+    with tarfile.open(fileobj=io.BytesIO(pod_.http.get(f"/artifacts/{ADAPTER_ARTIFACT}").content)) as tar:
+        member = next(n for n in tar.getnames() if n.endswith("adapter_config.json"))
+        adapter_cfg = json.load(tar.extractfile(member))  # type: ignore[arg-type]
+    assert adapter_cfg["base_model_name_or_path"] == str(base)
+
+
+# ---------------------------------------------------------------------------
+# Time cap and stop reasons
+# ---------------------------------------------------------------------------
+
+
+def test_time_cap_stops_training_keeps_best_and_says_so(start_pod: Callable[..., Pod]) -> None:
+    pod_ = start_pod()
+    body = job_body("job-cap", max_steps=3000, eval_steps=10, early_stopping_patience=0, save_merged=False,
+                    max_train_s=4)
+    assert pod_.http.post("/job", json=body).status_code == 202
+    p = pod_.wait(lambda p: p.state in TERMINAL_STATES, timeout=300)
+    assert p.state == "stopped" and p.stop_reason == "time_cap", p.error
+    assert 0 < p.step < 3000
+    assert p.eval_loss and p.eval_loss[-1][0] == p.step  # the final eval ran at the stop step
+    losses = [loss for _, loss in p.eval_loss]
+    assert p.best_eval_loss == min(losses)
+    res = Results.model_validate_json(pod_.http.get("/results").content)
+    assert res.state == "stopped" and res.stop_reason == "time_cap"
+    assert res.extra["final_eval_loss"] == pytest.approx(p.best_eval_loss, rel=1e-4)  # best weights kept
+    assert len(res.generations) == 3
+    check_adapter_tarball(pod_)
+
+
+# ---------------------------------------------------------------------------
+# Held-out generation: max_new_tokens, batches, same outputs as one by one
+# ---------------------------------------------------------------------------
+
+
+def test_batched_generation_matches_one_by_one() -> None:
+    rng = random.Random(3)
+    rows = []
+    for _ in range(20):
+        words = [rng.choice("abcdef") for _ in range(rng.randint(1, 8))]  # prompts of different lengths
+        rows.append({"messages": [{"role": "system", "content": "You reverse lists."},
+                                  {"role": "user", "content": "reverse: " + " ".join(words)},
+                                  {"role": "assistant", "content": " ".join(reversed(words))}]})
+    prompts = [{"id": f"p{i}", "messages": r["messages"][:-1]} for i, r in enumerate(rows[:7])]
+    job = JobRequest.model_validate({"config": {"job_id": "j", "tiny_random_model": True, "seed": 5,
+                                                "max_new_tokens": 12, "gen_batch_size": 1},
+                                     "train": rows, "val": rows[:4], "eval_prompts": prompts})
+    model, tok = pod.build_tiny_model(job)
+    plan = pod.make_plan(job.config, cuda=False, bf16_supported=False, unsloth_ok=False, bnb_ok=False)
+    lengths = {len(tok(pod.render_prompt(tok, p.messages))["input_ids"]) for p in job.eval_prompts}
+    assert len(lengths) > 2  # batches really are padded
+
+    def run(**cfg: Any) -> list[str]:
+        out = pod.generate(job.model_copy(update={"config": job.config.model_copy(update=cfg)}), model, tok, plan)
+        assert [g.id for g in out] == [p.id for p in job.eval_prompts]  # order kept
+        return [g.output for g in out]
+
+    single = run()
+    assert any(o == "" for o in single) and any(len(o) > 5 for o in single)  # some rows stop at once, some run
+    assert run(gen_batch_size=3) == single
+    assert run(gen_batch_size=8) == single
+    assert tok.padding_side == "right"  # restored for training
+    short = run(gen_batch_size=8, max_new_tokens=3)
+    assert all(len(s) <= len(o) for s, o in zip(short, single)) and short != single
+
+
+def test_new_tokens_cuts_at_the_first_stop_id_and_drops_padding() -> None:
+    assert pod.new_tokens([5, 6, 2, 7, 8], stops=[2, 9], pad_id=0) == [5, 6]
+    assert pod.new_tokens([5, 9, 2], stops=[2, 9], pad_id=0) == [5]
+    assert pod.new_tokens([5, 6, 0, 0], stops=[2], pad_id=0) == [5, 6]
+    assert pod.new_tokens([2, 5], stops=[2], pad_id=None) == []
+
+
+# ---------------------------------------------------------------------------
+# Export: merge only for a push, Hub repo only with merged weights (loopback Hub fake)
+# ---------------------------------------------------------------------------
+
+HF_TOKEN = "hf_" + "Q" * 34  # the shape of a real token, so the scrubber would catch a leak
+
+
+@pytest.fixture
+def hub() -> Iterator[FakeHub]:
+    with FakeHub.running() as h:
+        h.add_token(HF_TOKEN, "tuner-bot", orgs=("acme",))
+        yield h
+
+
+def run_to_end(pod_: Pod, body: dict[str, Any]) -> tuple[Progress, set[str]]:
+    seen: set[str] = set()
+    assert pod_.http.post("/job", json=body).status_code == 202
+
+    def done(p: Progress) -> bool:
+        seen.add(p.state)
+        return p.state in TERMINAL_STATES
+
+    return pod_.wait(done, timeout=300), seen
+
+
+def test_push_puts_a_loadable_merged_model_and_the_adapter_on_the_hub(
+    start_pod: Callable[..., Pod], hub: FakeHub, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hub.commit_delay_s = 2.0  # a Hub commit takes a moment: the pod says "exporting" meanwhile
+    pod_ = start_pod(env={**hub.env(), "HF_TOKEN": HF_TOKEN})
+    body = job_body("job-push", hf_repo="acme/tuner-p1-r1", max_steps=40, eval_steps=1)
+    p, seen = run_to_end(pod_, body)
+    assert p.state == "succeeded", p.error
+    assert {"training", "generating", "exporting"} <= seen
+    assert [s for s, _ in p.eval_loss] == list(range(4, 41, 4))  # eval_steps 1 widened: 10 evals
+    res = Results.model_validate_json(pod_.http.get("/results").content)
+    assert res.hf_repo == "acme/tuner-p1-r1"
+    assert res.export.merged and res.export.pushed and res.export.adapter_pushed and res.export.adapter
+    assert res.export.push_error is None and res.export.merged_error is None and res.export.gguf_files == []
+    repo = hub.repos["acme/tuner-p1-r1"]
+    assert repo.private and len(repo.commits) == 1  # one atomic commit
+    assert {"config.json", "model.safetensors", "adapter/adapter_config.json",
+            "adapter/adapter_model.safetensors"} <= set(repo.files)
+    assert "adapter_config.json" not in repo.files  # the root is a plain 16-bit model
+    local = tmp_path / "from-hub"
+    for path, data in repo.files.items():
+        if "/" not in path:
+            (local / path).parent.mkdir(parents=True, exist_ok=True)
+            (local / path).write_bytes(data)
+    merged = AutoModelForCausalLM.from_pretrained(str(local))
+    assert merged.config.model_type == "llama" and sum(p.numel() for p in merged.parameters()) > 10_000
+    assert HF_TOKEN not in pod_.log()
+
+
+@pytest.mark.parametrize("token,repo_id,status", [("hf_" + "X" * 34, "tuner-bot/tuner-p1-r2", "401"),
+                                                   (HF_TOKEN, "someone-else/tuner-p1-r2", "403")])
+def test_failed_push_is_reported_and_the_run_still_succeeds(
+    start_pod: Callable[..., Pod], hub: FakeHub, token: str, repo_id: str, status: str
+) -> None:
+    pod_ = start_pod(env={**hub.env(), "HF_TOKEN": token})
+    p, _ = run_to_end(pod_, job_body("job-pushfail", hf_repo=repo_id, max_steps=6, eval_steps=3))
+    assert p.state == "succeeded", p.error
+    res = Results.model_validate_json(pod_.http.get("/results").content)
+    assert res.hf_repo is None  # never a Hub URI without a model
+    assert res.export.merged and not res.export.pushed and not res.export.adapter_pushed
+    assert res.export.push_error is not None and status in res.export.push_error
+    assert token not in res.export.push_error and token not in pod_.log()
+    assert repo_id not in hub.repos
+    check_adapter_tarball(pod_)  # the adapter is still there for the bot
+
+
+def test_failed_merge_pushes_no_weightless_repo(start_pod: Callable[..., Pod], hub: FakeHub, tmp_path: Path) -> None:
+    workdir = tmp_path / "work-mergefail"
+    workdir.mkdir()
+    (workdir / "merged").write_text("a file where the merged model directory should go")  # the merge fails
+    pod_ = start_pod(env={**hub.env(), "HF_TOKEN": HF_TOKEN}, workdir=workdir)
+    p, _ = run_to_end(pod_, job_body("job-mergefail", hf_repo="acme/tuner-p1-r3", max_steps=6, eval_steps=3))
+    assert p.state == "succeeded", p.error
+    res = Results.model_validate_json(pod_.http.get("/results").content)
+    assert not res.export.merged and res.export.merged_error
+    assert res.hf_repo is None and not res.export.pushed and "merge failed" in (res.export.push_error or "")
+    assert hub.requests == [] and hub.repos == {}  # the Hub was never touched
+    check_adapter_tarball(pod_)
