@@ -5,14 +5,20 @@ restarts mid-run builds the same job and enforces the same time cap. Everything 
 derives comes from jobs/catalog.py (model and GPU facts) and jobs/estimate.py (time).
 
 Wall-clock cap (seconds from the pod's creation, Run.started_at):
-  cap_s       = min(TUNER_RUN_CAP_FACTOR x estimated total, TUNER_MAX_RUN_HOURS): past it
-                the bot terminates the pod, whatever it is doing.
+  cap_s       = min(max(TUNER_RUN_CAP_FACTOR x estimated total, estimated total +
+                CAP_FLOOR_S), TUNER_MAX_RUN_HOURS): past it the bot terminates the pod,
+                whatever it is doing.
   stop_at_s   = cap_s - min(factor x estimated generation+export+teardown, cap_s / 2):
                 past it the bot sends POST /stop (the pod keeps its best checkpoint and
                 still generates and exports).
-  max_train_s = min(factor x estimated training+evals, stop_at_s - estimated boot+load):
-                the pod's own cap on its training phase (TrainConfig.max_train_s), so a
-                pod the bot cannot reach still stops in time.
+  max_train_s = min(max(factor x estimated training+evals, that + TRAIN_CAP_FLOOR_S),
+                stop_at_s - estimated boot+load), at least 1 s: the pod's own cap on its
+                training phase (TrainConfig.max_train_s), so a pod the bot cannot reach
+                still stops in time.
+The floors matter for small runs, whose time is dominated by what the estimate knows
+least: image pull, and unsloth's torch.compile warm-up (~5 min by unsloth's own
+benchmarks page); a factor of a few minutes would stop them for no reason. The hard
+TUNER_MAX_RUN_HOURS always wins.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from storage.settings import Settings
 
 DEFAULT_BASE_MODEL = TrainConfig.model_fields["base_model"].default
 MAX_EVAL_PROMPTS = 50  # held-out prompts the pod generates answers for
+CAP_FLOOR_S = 900.0  # the run's cap is at least the estimate + 15 min
+TRAIN_CAP_FLOOR_S = 600.0  # the pod's training cap is at least its estimate + 10 min
 
 
 @dataclass(frozen=True)
@@ -126,9 +134,11 @@ def workload_for(db: Database, dataset_id: int, spec: dict[str, Any], model: Sup
 def make_plan(est: RunEstimate, settings: Settings, *, model: SupportedModel, gpu_types: list[str],
               max_new_tokens: int, gguf: bool) -> RunPlan:
     factor = settings.tuner_run_cap_factor
-    cap_s = min(factor * est.total_s, settings.tuner_max_run_hours * 3600.0)
+    wanted = max(factor * est.total_s, est.total_s + CAP_FLOOR_S)
+    cap_s = min(wanted, settings.tuner_max_run_hours * 3600.0)
     stop_at_s = cap_s - min(factor * est.post_train_s, cap_s / 2)
-    max_train_s = max(1.0, min(factor * est.train_phase_s, stop_at_s - est.pre_train_s))
+    train_cap = max(factor * est.train_phase_s, est.train_phase_s + TRAIN_CAP_FLOOR_S)
+    max_train_s = max(1.0, min(train_cap, stop_at_s - est.pre_train_s))
     return RunPlan(
         base_model=model.id, max_new_tokens=max_new_tokens, eval_steps=est.eval_steps,
         max_train_s=round(max_train_s, 1), cap_s=round(cap_s, 1), stop_at_s=round(stop_at_s, 1),
