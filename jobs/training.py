@@ -728,7 +728,7 @@ def pod_failure_text(p: Progress) -> str:
     """A failed pod job in plain words, by its error code."""
     detail = p.error or "no details"
     if p.error_code == "cuda_unavailable":
-        return f"the training pod could not use its GPU (CUDA unavailable: {detail}). {CUDA_HELP}"
+        return f"the training pod could not use its GPU. {detail.rstrip('.')}. {CUDA_HELP}"
     if p.error_code == "out_of_memory":
         return (f"the GPU ran out of memory ({detail}). Choose a smaller base model or "
                 "GPU types with more memory (TUNER_GPU_TYPES), then launch again.")
