@@ -53,7 +53,24 @@ def merge_fix(error: str) -> str:
     return "Retrain to try again; if it fails the same way, report the error."
 
 
+NOT_PUSHED = "not pushed:"  # the pod did not try to push (jobs/train.py export_outputs)
+
+
+def skipped_push_fix(error: str) -> str:
+    """What to do when the pod did not even try to push, by its reason."""
+    if "save_merged" in error:
+        return ("The 16-bit merge is switched off (save_merged: false, e.g. in "
+                "TUNER_TRAIN_OVERRIDES), so nothing deployable was built: remove that and retrain.")
+    if "HF_TOKEN" in error:
+        return "The pod had no HF_TOKEN: set HF_TOKEN for the bot and retrain."
+    if "hf_repo" in error:
+        return "Set HF_TOKEN and TUNER_HF_NAMESPACE and retrain."
+    return "Retrain to push it."
+
+
 def push_fix(error: str, namespace: str | None) -> str:
+    if error.lower().startswith(NOT_PUSHED):
+        return skipped_push_fix(error)
     ns = f"`{namespace}`" if namespace else "TUNER_HF_NAMESPACE"
     if _has(error, _AUTH):
         return (f"HF_TOKEN must be allowed to create and write repos in {ns} (a token with "
@@ -73,6 +90,9 @@ def export_notes(results: Results, *, hub_configured: bool, namespace: str | Non
         out.append("The 16-bit merged model could not be built on the pod "
                    f"({rep.merged_error}), so no deployable model reached the Hub. "
                    + merge_fix(rep.merged_error) + kept)
+    elif rep.push_error and rep.push_error.lower().startswith(NOT_PUSHED):
+        out.append(f"The model was not pushed to the Hugging Face Hub ({rep.push_error}), so "
+                   "Deploy has nothing to serve. " + skipped_push_fix(rep.push_error) + kept)
     elif rep.push_error:
         out.append(f"Pushing the model to the Hugging Face Hub failed ({rep.push_error}), so "
                    "Deploy has nothing to serve. " + push_fix(rep.push_error, namespace) + kept)
@@ -100,6 +120,9 @@ def no_model_reason(config: dict[str, Any], *, hub_configured: bool, namespace: 
         return ("The 16-bit merge failed on the pod "
                 f"({rep.merged_error}), so nothing deployable was pushed. {merge_fix(rep.merged_error)}"
                 " Then deploy again.")
+    if push_error and str(push_error).lower().startswith(NOT_PUSHED):
+        return (f"The pod did not push a model ({push_error}). "
+                f"{skipped_push_fix(str(push_error))} Then deploy again.")
     if push_error:
         return (f"The push to the Hub failed on the pod ({push_error}). "
                 f"{push_fix(str(push_error), namespace)} Then deploy again.")

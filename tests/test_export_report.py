@@ -56,6 +56,14 @@ def test_push_failure_says_what_to_fix(error: str, fix: str):
     assert "push to the Hub failed" in deploy and fix in deploy
 
 
+def test_a_push_the_pod_never_tried_is_not_called_a_token_problem():
+    r = results(push_error="not pushed: save_merged is off, so there is no servable model")
+    text = notes(r)
+    assert "was not pushed" in text and "save_merged" in text and "HF_TOKEN" not in text
+    deploy = no_model_reason({"export": r.export.model_dump()}, hub_configured=True, namespace="acme")
+    assert "save_merged" in deploy and "HF_TOKEN" not in deploy and "failed" not in deploy
+
+
 def test_no_hub_configured_and_gguf_notes():
     assert "HF_TOKEN and TUNER_HF_NAMESPACE are not both set" in notes(results(), hub=False)
     assert "GGUF export failed: no llama.cpp" in notes(results(gguf_error="no llama.cpp"), gguf=True)
