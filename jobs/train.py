@@ -1081,7 +1081,8 @@ def run_job(job: JobRequest, state: JobState) -> Results:
             "eval_steps": trained.eval_every,
             "trainer_best_step": trained.best_step,
             "final_eval_loss": state.final_eval_loss,
-            "hf_error": report.push_error,  # older bots read this key
+            # what older bots read: why an attempted push left no model on the Hub
+            "hf_error": (report.merged_error or report.push_error) if push_target(cfg, hf_token) else None,
         },
     )
 

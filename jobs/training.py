@@ -1,10 +1,14 @@
 """Training orchestration: estimate, launch, run a RunPod pod to completion, stop.
 
-How the pod program gets onto the pod: the pod runs the stock PyTorch image with a
-docker start command (`POD_START_CMD`) that unpacks env TUNER_TRAIN_B64 (a base64
-tar.gz of jobs/__init__.py + jobs/podproto.py + jobs/train.py, ~15 KB, well inside
-GraphQL request limits), pip-installs the CPU/GPU-agnostic training deps, and runs
-`python -m jobs.train` (control server on 0.0.0.0:8000, exposed as `8000/http`).
+How the pod program gets onto the pod: the pod runs the prebuilt unsloth image
+(settings.tuner_pod_image; torch, CUDA 12.8, unsloth, trl, peft, bitsandbytes, llama.cpp
+baked in) with a docker start command (`POD_START_CMD`, RunPod's dockerArgs: it replaces
+the image's CMD and runs under its ENTRYPOINT) that unpacks env TUNER_TRAIN_B64 (a base64
+tar.gz of jobs/__init__.py + jobs/podproto.py + jobs/train.py, ~25 KB, well inside
+GraphQL request limits), installs nothing when the image has the training stack, and
+runs `python -m jobs.train` (control server on 0.0.0.0:8000, exposed as `8000/http`).
+POD_ENV switches off the image entrypoint's own GPU check, so a pod whose CUDA is unusable
+still starts the server and reports why (error_code cuda_unavailable) instead of exiting.
 
 Crash safety (invariants: one Run per launch, one pod per Run at a time, no leaked
 pod, nothing billed after termination, each pod billed once):
@@ -106,19 +110,50 @@ RELEASE_ATTEMPTS = 4  # terminate tries before leaving the pod to the reaper
 # TUNER_GPU_TYPES that the catalog does not know is estimated with these (A5000-like) figures.
 UNKNOWN_GPU = GpuSpec("unknown", 24, 111.1, 768, 0.24)
 
-# unsloth (QLoRA on CUDA) brings compatible transformers/peft/trl/bitsandbytes; if it
-# cannot be installed on the image, train.py falls back to plain transformers+peft+trl.
+# The pod's start command (RunPod dockerArgs). The default image's ENTRYPOINT
+# (unsloth docker/entrypoint.sh, installed as /usr/local/bin/unsloth-entrypoint) runs its
+# checks and then `exec "$@"` with this command as "$@"; dockerArgs replaces only the CMD
+# (runpod/docs pods/templates/manage-templates.mdx). No `$` in it: it stays literal however
+# RunPod splits it. Steps: unpack the bundle; if the image lacks the training stack (a
+# user's TUNER_POD_IMAGE), install pinned versions with the image's torch frozen by a
+# constraints file (never pull another torch: an unpinned install swaps in a CUDA 13 build
+# that old host drivers cannot run), and only when pip manages that torch; then serve.
+POD_STACK = "pydantic torch transformers peft trl datasets accelerate"
+# The versions this repository's tests run (pyproject "train" extra + the venv); bitsandbytes
+# >= 0.49.2 as in unsloth's image (docker/Dockerfile). pydantic first, alone: the server needs
+# only it, so a stack that cannot resolve against the frozen torch still lets the pod report.
+POD_PINS_SERVER = "pydantic==2.14.4"
+POD_PINS_STACK = ("transformers==5.25.0 peft==0.21.2 trl==1.16.0 accelerate==1.16.0 datasets==5.2.0 "
+                  "bitsandbytes==0.49.2")
+POD_CONSTRAINTS = "/tmp/tuner-constraints.txt"
 POD_PIP = (
-    "{ pip install -q unsloth pydantic || pip install -q 'transformers>=5' 'peft>=0.17' "
-    "'trl>=0.20' accelerate bitsandbytes pydantic; }"
+    "if python3 -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))' "
+    f"{POD_STACK}; then echo 'tuner: training stack present, nothing to install'; else "
+    f"python3 -m pip freeze 2>/dev/null | grep -i -E '^(torch|torchvision|torchaudio)==' > {POD_CONSTRAINTS}; "
+    f"if grep -q -i '^torch==' {POD_CONSTRAINTS}; then "
+    f"python3 -m pip install -q -c {POD_CONSTRAINTS} {POD_PINS_SERVER} {POD_PINS_STACK} "
+    f"|| python3 -m pip install -q -c {POD_CONSTRAINTS} {POD_PINS_SERVER} "
+    "|| echo 'tuner: install failed; the job will report what is missing' >&2; "
+    "else echo 'tuner: no pip-managed torch in this image; installing nothing' >&2; fi; fi"
 )
 POD_START_CMD = (
     'bash -c "mkdir -p /opt/tuner && cd /opt/tuner && python3 -c '
     "\\\"import base64,io,os,tarfile; tarfile.open(fileobj=io.BytesIO(base64.b64decode("
-    "os.environ['TUNER_TRAIN_B64']))).extractall()\\\" && "
+    "os.environ['TUNER_TRAIN_B64']))).extractall()\\\" && { "
     + POD_PIP
-    + ' && exec python3 -m jobs.train"'
+    + '; } && exec python3 -m jobs.train"'
 )
+# Pod env the start needs (merged into the env of every training pod):
+POD_ENV = {
+    # unsloth's entrypoint exits 1 before our command when nvidia-smi sees no GPU or torch
+    # cannot use it (docker/entrypoint.sh checks 1-2); skipped, train.py reports it instead.
+    "UNSLOTH_SKIP_GPU_CHECK": "1",
+    # no copying/refreshing of the notebooks into /workspace at boot (docker/DOCKERHUB.md:
+    # "costs 10 to 20 seconds"; 206 MB of notebooks on the container disk).
+    "UNSLOTH_SKIP_NOTEBOOK_SYNC": "1",
+    # no second copy of the 16-bit base in the HF cache during the merge (unsloth/save.py).
+    "UNSLOTH_PREWARM_HUB_CACHE": "0",
+}
 BUNDLE_FILES = ("jobs/__init__.py", "jobs/podproto.py", "jobs/train.py")
 MAX_BUNDLE_B64 = 64_000
 
@@ -489,7 +524,7 @@ class TrainingService:
         return won
 
     def _create(self, run_id: int, token: str) -> tuple[str, Run, bool]:
-        env = {TOKEN_ENV: token, "TUNER_TRAIN_B64": pod_bundle_b64(), "PYTHONUNBUFFERED": "1",
+        env = {**POD_ENV, TOKEN_ENV: token, "TUNER_TRAIN_B64": pod_bundle_b64(), "PYTHONUNBUFFERED": "1",
                # the pod removes itself when the bot has been gone this long after training
                "TUNER_POD_IDLE_TIMEOUT_S": str(self.settings.tuner_pod_idle_timeout_s)}
         if self.settings.hf_token:

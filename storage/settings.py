@@ -30,7 +30,15 @@ class Settings(BaseSettings):
     runpod_api_base_url: str | None = None
     runpod_endpoint_base_url: str | None = None
     tuner_pod_url_template: str = "https://{pod_id}-{port}.proxy.runpod.net"
-    tuner_pod_image: str = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
+    # Official prebuilt unsloth image, lean `core` variant (torch 2.11 + CUDA 12.8, unsloth,
+    # trl, peft, bitsandbytes, prebuilt llama.cpp; no Studio web app on port 8000, which is our
+    # control port). Pinned: a dated pin tag plus its digest (published with that digest in a
+    # public RunPod launcher script); unsloth prunes dated pins after 60 days, the digest keeps
+    # pulling the same image. Needs a host driver >= 570.26 (CUDA 12.8; docker/DOCKERHUB.md).
+    tuner_pod_image: str = (
+        "unsloth/unsloth:core-nightly-2026.09.19"
+        "@sha256:d081bd90a17ed224e93117f87d0eeba98af49a045f62331da7a3038e5f082d00"
+    )
     # empty: the cheapest GPU class that fits the spec's base model (jobs/catalog.py);
     # a comma-separated list of RunPod GPU ids overrides it for every run
     tuner_gpu_types: str = ""

@@ -14,7 +14,7 @@ from sqlmodel import select
 from jobs.chart import loss_chart_png
 from jobs.podproto import ADAPTER_ARTIFACT
 from jobs.runpod_api import RunPodAPI
-from jobs.training import TrainingService, pod_bundle_b64
+from jobs.training import POD_ENV, POD_START_CMD, TrainingService, pod_bundle_b64
 from jobs.types import BudgetExceededError, RunSnapshot
 from storage.db import Database
 from storage.models import Dataset, Example, MetricPoint, Project, Run, SpendEntry, TaskSpecRow
@@ -88,6 +88,9 @@ def test_end_to_end_training_on_fake_pod(fake, db, tmp_path):
     assert len(fake.pods) == 1 and fake.live_pods() == []
     pod = next(iter(fake.pods.values()))
     assert pod.gpu_type == "NVIDIA A40" and pod.name == f"tuner-run-{run_id}"
+    # the pinned unsloth core image, started by POD_START_CMD with the env its entrypoint needs
+    assert pod.image.startswith("unsloth/unsloth:core-") and "@sha256:" in pod.image
+    assert pod.docker_args == POD_START_CMD and {k: pod.env.get(k) for k in POD_ENV} == POD_ENV
     steps = [s.step for s in snaps]
     assert steps == sorted(steps) and steps[-1] == 20 and len(set(steps)) >= 2
     evals = [loss for _, loss in snaps[-1].eval_loss]
@@ -180,7 +183,8 @@ def test_restart_reattaches_to_the_same_pod(fake, db, tmp_path):
 
 def test_stop_request_keeps_best(fake, db, tmp_path):
     pid, did = seed(db)
-    svc = service(db, tmp_path, tuner_train_overrides=json.dumps({**TRAIN_CFG, "max_steps": 5000,
+    # 300 planned steps: the pod evaluates at most 10 times, so the first eval is at step 30
+    svc = service(db, tmp_path, tuner_train_overrides=json.dumps({**TRAIN_CFG, "max_steps": 300,
                                                                     "early_stopping_patience": 0}))
     run_id = svc.launch(pid, did, user_id="U1")
 

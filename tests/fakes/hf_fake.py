@@ -168,7 +168,7 @@ class FakeHub:
                          "siblings": [{"rfilename": p} for p in sorted(repo.files)]}
 
     def _preupload(self, account: Account, ns: str, name: str, payload: dict[str, Any]) -> tuple[int, dict, Any]:
-        repo, err = self._repo_for(account, ns, name, write=True)
+        _, err = self._repo_for(account, ns, name, write=True)
         if err:
             return err
         files = []
@@ -179,7 +179,7 @@ class FakeHub:
         return 200, {}, {"files": files, "commitOid": None}
 
     def _lfs_batch(self, account: Account, ns: str, name: str, payload: dict[str, Any]) -> tuple[int, dict, Any]:
-        repo, err = self._repo_for(account, ns, name, write=True)
+        _, err = self._repo_for(account, ns, name, write=True)
         if err:
             return err
         if payload.get("operation") != "upload" or "basic" not in payload.get("transfers", []):
@@ -222,16 +222,16 @@ class FakeHub:
         for line in lines[1:]:
             key, value = line["key"], line["value"]
             if key == "file":
-                data = base64.b64decode(value["content"])
-                if len(data) > TEN_MB or b"\x00" in data[:8000]:
+                inline = base64.b64decode(value["content"])
+                if len(inline) > TEN_MB or b"\x00" in inline[:8000]:
                     return 400, {}, {"error": f"Your push was rejected: {value['path']} is binary or over "
                                               "10 MB and must be stored with LFS/Xet"}
-                staged[value["path"]] = data
+                staged[value["path"]] = inline
             elif key == "lfsFile":
-                data = self.lfs.get(value["oid"])
-                if data is None or len(data) != value["size"]:
+                stored = self.lfs.get(value["oid"])
+                if stored is None or len(stored) != value["size"]:
                     return 422, {}, {"error": f"LFS object for {value['path']} was never uploaded"}
-                staged[value["path"]] = data
+                staged[value["path"]] = stored
             elif key in ("deletedFile", "deletedFolder"):
                 staged[value["path"]] = None
             else:
@@ -252,7 +252,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             pass
 
         def _body(self) -> bytes:
@@ -281,6 +281,6 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
-        do_GET = do_POST = do_PUT = _serve  # noqa: N815
+        do_GET = do_POST = do_PUT = _serve
 
     return Handler
