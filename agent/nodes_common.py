@@ -14,6 +14,7 @@ from langgraph.types import Command, interrupt
 from agent.context import AgentContext
 from agent.state import AgentState
 from jobs.llm import LLMOutputError
+from jobs.types import PlainError
 from storage.models import Project
 from storage.redact import redact
 
@@ -48,7 +49,7 @@ class NotConfiguredError(RuntimeError):
 
 
 def human_error(exc: BaseException) -> str:
-    if isinstance(exc, (LLMOutputError, NotConfiguredError)):
+    if isinstance(exc, (LLMOutputError, NotConfiguredError, PlainError)):
         msg = str(exc)
     else:
         msg = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

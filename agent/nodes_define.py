@@ -13,11 +13,22 @@ from sqlmodel import select
 from agent.context import AgentContext
 from agent.nodes_common import action_of, guarded, retry_wait, route_import, set_project
 from agent.state import AgentState
+from jobs.catalog import lookup, supported_list_text
 from storage.models import TaskSpecRow
 
 __all__ = ["define", "ask", "persist_spec", "confirm", "retry_wait"]
 
 MAX_QUESTIONS = 5  # the prompt asks for at most three; this is the hard stop
+
+
+def unsupported_model_question(model_id: str) -> str:
+    """Plain-words refusal of an unknown base model, with the supported list."""
+    return (
+        f"I can't fine-tune `{model_id or '(none)'}`: it isn't one of the base models tuner "
+        "supports (each one's GPU, disk and time figures are known). Which of these should "
+        "I use?\n" + supported_list_text()
+        + "\nReply with one of them (or say \"the default\")."
+    )
 
 
 @guarded("define", "retry_wait")
@@ -39,6 +50,14 @@ def define(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
     )
     if turn.ready and turn.spec is not None:
         spec = turn.spec.model_dump()
+        model = lookup(spec.get("base_model") or "")
+        if model is None:  # never shown as an approvable spec card: ask for a listed model
+            question = unsupported_model_question(str(spec.get("base_model") or ""))
+            return Command(
+                goto="ask",
+                update={"messages": [*messages, {"role": "assistant", "content": question}]},
+            )
+        spec["base_model"] = model.id  # the catalog's spelling
         return Command(goto="persist_spec", update={"spec": spec, "error": None})
     question = (turn.question or "").strip() or "Could you describe the task in more detail?"
     return Command(

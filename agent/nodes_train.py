@@ -162,6 +162,8 @@ def train(state: AgentState, runtime: Runtime[AgentContext]) -> Command:
     )
     ctx.notifier.progress(state["thread_id"], watch.key, progress_text(final, final=True), [])
     watch.chart(final)
+    if outcome.notes:  # time cap, merge/push problems: said when training ends, not at Deploy
+        ctx.notifier.say(state["thread_id"], "\n".join(outcome.notes))
     if outcome.status == "failed":
         set_project(ctx, state["project_id"], status="failed")
         ctx.notifier.error(

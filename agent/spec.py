@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from jobs.catalog import supported_ids
+
 DEFAULT_BASE_MODEL = "unsloth/Llama-3.2-1B-Instruct"
 
 
@@ -24,6 +26,7 @@ class TaskSpec(BaseModel):
     base_model: str = DEFAULT_BASE_MODEL
     max_output_tokens: int = 1024
     budget_usd: float | None = None
+    gguf: bool = Field(default=False, description="Also export a GGUF file (llama.cpp)")
 
 
 class DefineTurn(BaseModel):
@@ -52,7 +55,10 @@ ready=false and ask exactly ONE short clarifying question. Ask at most three
 questions overall; after that, or once the task is clear, set ready=true and fill
 `spec`: a slug `name`, `description`, `inputs`, `output_requirements`, `style`,
 and a `system_prompt` the small model will be trained with. Keep defaults for
-example_count, base_model and max_output_tokens unless the user asked otherwise."""
+example_count, base_model and max_output_tokens unless the user asked otherwise.
+base_model must be one of these ids, spelled exactly: """ + ", ".join(supported_ids()) + """.
+If the user asks for another model, say in a question that it is not supported and
+name these instead."""
 
 SAMPLES_SYSTEM = """[tuner:samples]
 You write training examples for fine-tuning a small model on the task below.

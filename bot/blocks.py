@@ -186,8 +186,11 @@ def launch_card(
         f"{dataset.get('n_test', 0)} test\n"
         f"GPU: {_esc(e.get('gpu_type', '?'))} ({_esc(e.get('cloud_type', '?'))}) at "
         f"${float(e.get('price_per_hour', 0.0) or 0.0):.2f}/h, {price_note}\n"
-        f"Estimate: ~{float(e.get('est_minutes', 0.0) or 0.0):.0f} min, ~${est:.2f}\n"
-        f"Budget: ${spent:.2f} spent of ${budget:.2f}"
+        + (f"Base model: `{_esc(e['base_model'])}`\n" if e.get("base_model") else "")
+        + f"Estimate: ~{float(e.get('est_minutes', 0.0) or 0.0):.0f} min, ~${est:.2f}"
+        + (f" (stopped at {float(e['cap_minutes']):.0f} min at the latest)\n"
+           if e.get("cap_minutes") else "\n")
+        + f"Budget: ${spent:.2f} spent of ${budget:.2f}"
     )
     units = _units(text)
     if spent + est > budget:

@@ -65,6 +65,7 @@ from jobs.serverless import (
     worker_error,
 )
 from jobs.template_cleanup import TemplateCleaner
+from jobs.export_report import no_model_reason
 from storage import spend
 from storage.db import Database
 from storage.models import Deployment, Example, Run, TaskSpecRow, utcnow
@@ -103,13 +104,8 @@ def model_ref_for(run: Run, settings: Settings) -> str:
         if repo:
             return repo
     where = f"only at {uri}" if uri else "nowhere (the run has no artifact)"
-    push_error = (run.config or {}).get("hf_error")
-    if push_error:
-        fix = (f"The push to the Hub failed on the pod ({push_error}); fix that (token scope, "
-               "namespace) and retrain, then deploy again.")
-    else:
-        fix = ("Serverless workers download the model from the Hub, so set HF_TOKEN and "
-               "TUNER_HF_NAMESPACE and retrain to push the merged model there, then deploy again.")
+    fix = no_model_reason(run.config or {}, namespace=settings.tuner_hf_namespace,
+                          hub_configured=bool(settings.hf_token and settings.tuner_hf_namespace))
     raise DeployError(f"Run {run.id}'s model is {where}, not on the Hugging Face Hub. {fix}")
 
 

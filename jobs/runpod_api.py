@@ -9,6 +9,10 @@ Facts this wrapper handles:
 - The SDK pastes every string value UNESCAPED into the GraphQL text, so every value we
   pass (name, image, env keys/values, docker args) goes through `gql_escape` first.
 - `create_pod` raises `runpod.error.QueryError` when no GPU of that type/cloud is free.
+- `create_pod(allowed_cuda_versions=[...])` (runpod 1.12.0 ctl_commands.create_pod ->
+  mutations/pods.py) adds `allowedCudaVersions: ["12.8", ...]` to GPU pods only, each
+  value quoted but unescaped; RunPod places the pod only on a host whose driver reports
+  one of them, and answers "no instances available" otherwise.
 - `runpod.error.QueryError.query` holds the whole mutation (including env secrets): it is
   never logged or re-raised from here.
 - Every SDK call goes through jobs.runpod_retry: failures come out typed (transient / no
@@ -61,6 +65,8 @@ FALLBACK_PRICES: dict[str, float] = {
     "NVIDIA A40": 0.40,
     "NVIDIA L40S": 0.86,
     "NVIDIA A100 80GB PCIe": 1.64,
+    "NVIDIA A100-SXM4-80GB": 1.74,
+    "NVIDIA H100 PCIe": 2.39,
     "NVIDIA H100 80GB HBM3": 2.99,
 }
 
@@ -164,8 +170,12 @@ class RunPodAPI:
         cloud_types: list[str] | None = None,
         *,
         docker_args: str = "",
+        container_disk_gb: int = POD_CONTAINER_DISK_GB,
+        allowed_cuda_versions: list[str] | None = None,
     ) -> tuple[str, GpuChoice]:
-        """Try each (gpu, cloud) in order; the first that deploys wins."""
+        """Try each (gpu, cloud) in order; the first that deploys wins. The pod only lands
+        on a host whose CUDA is in `allowed_cuda_versions` (None: any)."""
+        cuda = [gql_escape(v) for v in allowed_cuda_versions] if allowed_cuda_versions else None
         if not name.startswith(POD_NAME_PREFIX):
             name = POD_NAME_PREFIX + name
         gpus = gpu_types if gpu_types is not None else self.settings.gpu_types
@@ -182,11 +192,12 @@ class RunPodAPI:
                         cloud_type=cloud.upper(),
                         gpu_count=1,
                         volume_in_gb=0,
-                        container_disk_in_gb=POD_CONTAINER_DISK_GB,
+                        container_disk_in_gb=int(container_disk_gb),
                         ports=POD_PORTS,
                         env=safe_env,
                         docker_args=gql_escape(docker_args),
                         start_ssh=False,
+                        allowed_cuda_versions=cuda,
                     )
 
                 try:

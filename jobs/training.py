@@ -24,6 +24,9 @@ pod, nothing billed after termination, each pod billed once):
 - A run that had submitted its job ("running") whose pod is gone/exited when re-attached
   fails at once with a clear error (no silent restart on a new paid pod); one that never
   got its job onto a pod ("starting") starts over on a new pod.
+- Each run has a wall-clock cap (jobs/run_plan.py): past stop_at_s the bot sends POST
+  /stop (best checkpoint kept), past cap_s it terminates the pod; the pod also caps its
+  own training phase (TrainConfig.max_train_s).
 - The pod is billed only once it is really terminated. If terminate keeps failing, the
   run ends anyway, the pod is left to the reaper (jobs/reaper.py, terminates any `tuner-`
   pod with no live run), which bills it up to its real termination time. Pod seconds are
@@ -49,6 +52,9 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
+from jobs.catalog import GpuSpec, gpu_spec
+from jobs.estimate import RunEstimate, estimate_run
+from jobs.export_report import export_notes, model_on_hub, report_of
 from jobs.podclient import PodClient, PodError, PodGone, PodUnreachable
 from jobs.podproto import (
     ADAPTER_ARTIFACT,
@@ -58,13 +64,32 @@ from jobs.podproto import (
     EvalPrompt,
     JobRequest,
     Progress,
+    Results,
     TrainConfig,
 )
+from jobs.run_plan import (
+    MAX_EVAL_PROMPTS,
+    RunPlan,
+    approved_spec,
+    gpu_types_to_try,
+    hub_configured,
+    make_plan,
+    max_new_tokens_for,
+    model_for,
+    workload_for,
+)
 from jobs.runpod_api import RunPodAPI, pod_is_alive
-from jobs.types import BudgetExceededError, LaunchEstimate, RunOutcome, RunSnapshot
+from jobs.types import (
+    BudgetExceededError,
+    LaunchEstimate,
+    PlainError,
+    RunOutcome,
+    RunSnapshot,
+    RunTimeCapError,
+)
 from storage import spend
 from storage.db import Database
-from storage.models import Example, MetricPoint, Project, Run, SlackEventClaim, TaskSpecRow, utcnow
+from storage.models import Example, MetricPoint, Project, Run, SlackEventClaim, utcnow
 from storage.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -76,19 +101,14 @@ TERMINAL_RUN_STATUSES = ("succeeded", "failed", "stopped", "reaped")
 # Warnings shown with progress.
 OVERFIT_CONSECUTIVE_RISES = 2  # eval loss rose this many evals in a row while train loss fell
 LOW_EVAL_LOSS = 0.3  # best eval loss below this: far under the usual 0.6-0.7 band
-MAX_EVAL_PROMPTS = 50
 # Pod creation lease: a pod token with no pod_id younger than this belongs to a process
 # that is creating the pod right now; older, its creator died (adopt by name or take over).
 CREATE_LEASE_S = 180.0
 RELEASE_ATTEMPTS = 4  # terminate tries before leaving the pod to the reaper
 
-# Time estimate heuristic (documented): pod boot + image pull + deps + model download +
-# held-out generation is a fixed overhead; training time = tokens * epochs / throughput,
-# with throughput of a 1B-3B QLoRA on a 24-48 GB card; tokens ~= characters / 4.
-EST_OVERHEAD_MIN = 8.0
-EST_TOKENS_PER_S = 2500.0
-EST_CHARS_PER_TOKEN = 4.0
-EST_PRICE_SAFETY = 1.2  # estimates round up: 20% headroom
+# The time estimate is jobs/estimate.py (formula and sources there). A GPU type named in
+# TUNER_GPU_TYPES that the catalog does not know is estimated with these (A5000-like) figures.
+UNKNOWN_GPU = GpuSpec("unknown", 24, 111.1, 768, 0.24)
 
 # The pod's start command (RunPod dockerArgs). The default image's ENTRYPOINT
 # (unsloth docker/entrypoint.sh, installed as /usr/local/bin/unsloth-entrypoint) runs its
@@ -231,30 +251,40 @@ class TrainingService:
 
     # ------------------------------------------------------------ estimate/launch
     def estimate(self, project_id: int, dataset_id: int) -> LaunchEstimate:
+        return self.plan_launch(project_id, dataset_id)[0]
+
+    def plan_launch(self, project_id: int, dataset_id: int) -> tuple[LaunchEstimate, RunPlan, RunEstimate]:
+        """The launch card's estimate and the run's plan, from the approved spec + dataset."""
         with self.db.session() as s:
             project = s.get(Project, project_id)
-            rows = s.exec(
-                select(Example.prompt, Example.response).where(
-                    Example.dataset_id == dataset_id, Example.split == "train"
-                )
-            ).all()
         budget = project.budget_usd if project else self.settings.tuner_project_budget_usd
-        chars = sum(len(p) + len(r) for p, r in rows)
-        epochs = float(self._config_dict(None).get("num_epochs", TrainConfig.model_fields["num_epochs"].default))
-        train_min = chars / EST_CHARS_PER_TOKEN * max(epochs, 1.0) / EST_TOKENS_PER_S / 60.0
-        minutes = (EST_OVERHEAD_MIN + train_min) * EST_PRICE_SAFETY
-        gpu, cloud, price, live = self._pick_price()
-        return LaunchEstimate(
+        spec = approved_spec(self.db, project_id)
+        model = model_for(spec)
+        cfg: dict[str, Any] = {"base_model": model.id, "max_new_tokens": max_new_tokens_for(spec),
+                               "save_gguf": self._gguf_wanted(spec),
+                               **self.settings.train_overrides}
+        gpus = gpu_types_to_try(self.settings, model)
+        gpu, cloud, price, live = self._pick_price(gpus)
+        work = workload_for(self.db, dataset_id, spec, model, cfg, push=hub_configured(self.settings))
+        est = estimate_run(model, gpu_spec(gpu) or UNKNOWN_GPU, work)
+        plan = make_plan(est, self.settings, model=model, gpu_types=gpus,
+                         max_new_tokens=int(cfg["max_new_tokens"]), gguf=bool(cfg["save_gguf"]))
+        minutes = est.total_s / 60.0
+        card = LaunchEstimate(
             gpu_type=gpu, cloud_type=cloud, price_per_hour=price, est_minutes=round(minutes, 1),
             est_usd=round(minutes / 60.0 * price, 4),
             spent_usd=spend.total(self.db, project_id=project_id), budget_usd=budget,
-            price_is_live=live,
+            price_is_live=live, base_model=model.id, cap_minutes=round(plan.cap_s / 60.0, 1),
         )
+        return card, plan, est
 
-    def _pick_price(self) -> tuple[str, str, float, bool]:
+    def _gguf_wanted(self, spec: dict[str, Any]) -> bool:
+        return bool(spec.get("gguf")) or self.settings.tuner_gguf
+
+    def _pick_price(self, gpu_types: list[str]) -> tuple[str, str, float, bool]:
         cloud = (self.settings.cloud_types or ["SECURE"])[0]
         fallback: tuple[str, str, float, bool] | None = None
-        for gpu in self.settings.gpu_types:
+        for gpu in gpu_types:
             price, live = self.api.gpu_price(gpu, cloud)
             if price is not None and live:
                 return gpu, cloud, price, True
@@ -262,7 +292,7 @@ class TrainingService:
                 fallback = (gpu, cloud, price, False)
         if fallback:
             return fallback
-        return (self.settings.gpu_types or ["unknown"])[0], cloud, 0.0, False
+        return (gpu_types or ["unknown"])[0], cloud, 0.0, False
 
     def launch(
         self, project_id: int, dataset_id: int, *, user_id: str, config: dict[str, Any] | None = None
@@ -271,7 +301,7 @@ class TrainingService:
         active = self.active_run(project_id)
         if active is not None:
             return int(active.id)  # type: ignore[arg-type]
-        est = self.estimate(project_id, dataset_id)
+        est, plan, _ = self.plan_launch(project_id, dataset_id)
         if est.over_budget:
             raise BudgetExceededError(
                 f"launch needs ~${est.est_usd:.2f}; spent ${est.spent_usd:.2f} of the "
@@ -279,6 +309,7 @@ class TrainingService:
             )
         cfg = dict(config or {})
         cfg["launched_by"] = user_id
+        cfg["plan"] = plan.to_config()
         with self.db.session() as s:
             n = len(s.exec(select(Run.id).where(Run.project_id == project_id)).all())
         # Checked AFTER counting: a run committed before the count is seen here; one
@@ -356,22 +387,32 @@ class TrainingService:
             cfg.update({k: v for k, v in (run.config or {}).items() if k in TrainConfig.model_fields})
         return cfg
 
+    def run_plan(self, run: Run) -> RunPlan:
+        """The plan made at launch (recomputed for runs launched before plans existed)."""
+        plan = RunPlan.from_config((run.config or {}).get("plan"))
+        if plan is None:
+            plan = self.plan_launch(run.project_id, int(run.dataset_id or 0))[1]
+        return plan
+
     def build_job(self, run: Run) -> JobRequest:
-        cfg = self._config_dict(run)
+        plan = self.run_plan(run)
+        spec = approved_spec(self.db, run.project_id)
+        cfg: dict[str, Any] = {
+            "base_model": plan.base_model, "max_new_tokens": plan.max_new_tokens,
+            "eval_steps": plan.eval_steps, "max_train_s": plan.max_train_s,
+            "save_gguf": self._gguf_wanted(spec),
+        }
+        cfg.update(self._config_dict(run))  # TUNER_TRAIN_OVERRIDES, then the run's own
         cfg["job_id"] = f"run-{run.id}"
         ns = self.settings.tuner_hf_namespace
         if ns and self.settings.hf_token and not cfg.get("hf_repo"):
             cfg["hf_repo"] = f"{ns}/tuner-p{run.project_id}-r{run.id}"
         config = TrainConfig.model_validate(cfg)
         with self.db.session() as s:
-            spec = s.exec(
-                select(TaskSpecRow).where(TaskSpecRow.project_id == run.project_id, TaskSpecRow.approved)
-                .order_by(col(TaskSpecRow.version).desc(), col(TaskSpecRow.id).desc())
-            ).first()
             examples = s.exec(
                 select(Example).where(Example.dataset_id == run.dataset_id).order_by(col(Example.id))
             ).all()
-        system = str((spec.spec or {}).get("system_prompt") or "") if spec else ""
+        system = str(spec.get("system_prompt") or "")
 
         def head(prompt: str) -> list[dict[str, str]]:
             msgs = [{"role": "system", "content": system}] if system else []
@@ -394,10 +435,10 @@ class TrainingService:
             return self._outcome(run)
         if run.stop_requested and not run.pod_id:
             return self._outcome(self._end(run_id, status="stopped"))
-        job = self.build_job(run)
         pod_id: str | None = None
         detached = False
         try:
+            job = self.build_job(run)
             pod_id, run, submitted = self._attach_or_create(run)
             url = self.api.pod_url(pod_id)
             poll = self.settings.tuner_poll_interval_s
@@ -513,9 +554,11 @@ class TrainingService:
                "TUNER_POD_IDLE_TIMEOUT_S": str(self.settings.tuner_pod_idle_timeout_s)}
         if self.settings.hf_token:
             env["HF_TOKEN"] = self.settings.hf_token.get_secret_value()
+        plan = self.run_plan(self._load(run_id))
         pod_id, choice = self.api.create_pod_with_fallback(
             pod_name(run_id), self.settings.tuner_pod_image, env,
-            self.settings.gpu_types, self.settings.cloud_types, docker_args=POD_START_CMD,
+            plan.gpu_types, self.settings.cloud_types, docker_args=POD_START_CMD,
+            container_disk_gb=plan.container_disk_gb, allowed_cuda_versions=plan.cuda_versions,
         )
         run = self._update(run_id, pod_id=pod_id, gpu_type=choice.gpu_type,
                            cloud_type=choice.cloud_type, price_per_hour=choice.price_per_hour)
@@ -529,6 +572,7 @@ class TrainingService:
         grace = self.settings.tuner_pod_unreachable_grace_s
         last: Progress | None = None
         while True:
+            self._enforce_cap(run.id)
             if not stop_sent and self._load(run.id).stop_requested:
                 try:
                     client.stop()
@@ -606,12 +650,31 @@ class TrainingService:
             except IntegrityError:  # another attached process stored them first
                 s.rollback()
 
+    def _enforce_cap(self, run_id: int) -> None:
+        """Past the plan's stop_at_s ask the pod to stop (keeping its best checkpoint);
+        past cap_s give up on it: RunTimeCapError ends the run and frees the pod."""
+        run = self._load(run_id)
+        plan = RunPlan.from_config((run.config or {}).get("plan"))
+        if plan is None or run.started_at is None:
+            return
+        age = pod_seconds(run)
+        if age >= plan.cap_s:
+            raise RunTimeCapError(
+                f"Run {run_id} reached its time cap ({_minutes(plan.cap_s)}) before its pod "
+                "finished, so tuner terminated the pod (nothing is billed after that). The "
+                "pod did not finish in time after being asked to stop, so no checkpoint could "
+                "be fetched. Launch again; TUNER_MAX_RUN_HOURS and TUNER_RUN_CAP_FACTOR set the cap."
+            )
+        if age >= plan.stop_at_s and not run.stop_requested:
+            log.info("run %s: time cap reached after %.0fs, stopping", run_id, age)
+            self._update(run_id, stop_requested=True,
+                         config={**(run.config or {}), "stop_reason": "time_cap"})
+
     def _finish(self, run: Run, client: PodClient, p: Progress) -> RunOutcome:
         assert run.id is not None
         if p.state == "failed":
-            run = self._end(run.id, status="failed",
-                               error=f"training failed on the pod: {p.error or 'unknown error'}",
-                               best_eval_loss=p.best_eval_loss, best_step=p.best_step)
+            run = self._end(run.id, status="failed", error=pod_failure_text(p),
+                            best_eval_loss=p.best_eval_loss, best_step=p.best_step)
             return self._outcome(run)
         pod_id = str(run.pod_id)
         results = self._while_unreachable(client.results, pod_id, "fetching the results")
@@ -623,21 +686,53 @@ class TrainingService:
                                            "fetching the adapter")
             (out_dir / ADAPTER_ARTIFACT).write_bytes(data)
             adapter_dir = str(out_dir)
-        # Deployment pulls the merged model from the Hub, so a pushed repo wins.
-        artifact_uri = f"hf://{results.hf_repo}" if results.hf_repo else adapter_dir
+        # Deployment pulls the merged model from the Hub, so a repo holding one wins; a
+        # repo with only the adapter (or nothing) is never recorded as the model.
+        repo = model_on_hub(results)
+        artifact_uri = f"hf://{repo}" if repo else adapter_dir
         gens = {g.id: g.output for g in results.generations}
+        status = results.state if results.state in ("succeeded", "stopped") else p.state
+        rid = run.id
+        assert rid is not None
+        current = self._load(rid)
+        stop_reason = ((current.config or {}).get("stop_reason") or results.stop_reason
+                       or p.stop_reason) if status == "stopped" else None
+        report = report_of(results)
+        notes = self._notes(current, results, stop_reason)
         run = self._end(
-            run.id, status=results.state if results.state in ("succeeded", "stopped") else p.state,
+            rid, status=status,
             best_eval_loss=results.best_eval_loss, best_step=results.best_step,
             artifact_uri=artifact_uri,
             # generations are kept on the run: the judge and later nightly comparisons
             # against this run (as champion) read them from here.
-            config={**(run.config or {}), "hf_repo": results.hf_repo, "adapter_dir": adapter_dir,
-                    "hf_error": results.extra.get("hf_error"), "generations": gens},
+            config={**(current.config or {}), "hf_repo": repo, "adapter_dir": adapter_dir,
+                    "hf_error": report.push_error, "export": report.model_dump(),
+                    "stop_reason": stop_reason, "notes": notes, "generations": gens},
         )
         return self._outcome(run)
 
+    def _notes(self, run: Run, results: Results, stop_reason: str | None) -> list[str]:
+        """What the thread is told when training ends: time cap, exports."""
+        out: list[str] = []
+        if stop_reason == "time_cap":
+            plan = RunPlan.from_config((run.config or {}).get("plan"))
+            cap = f" ({_minutes(plan.cap_s)})" if plan else ""
+            best = (f" (step {results.best_step}, eval loss {results.best_eval_loss:.4f})"
+                    if results.best_step is not None and results.best_eval_loss is not None else "")
+            out.append(
+                f"Run {run.id} was stopped at its time cap{cap}; the best checkpoint{best} was "
+                f"kept. The cap is the estimate x {self.settings.tuner_run_cap_factor:g}, at most "
+                f"TUNER_MAX_RUN_HOURS={self.settings.tuner_max_run_hours:g} h."
+            )
+        spec = approved_spec(self.db, run.project_id)
+        out += export_notes(results, hub_configured=hub_configured(self.settings),
+                            namespace=self.settings.tuner_hf_namespace,
+                            gguf_asked=self._gguf_wanted(spec))
+        return out
+
     def _crash_text(self, pod_id: str | None, exc: Exception) -> str:
+        if isinstance(exc, PlainError):
+            return str(exc)
         if isinstance(exc, PodError):
             return f"Training pod failed: {exc}"
         return f"Training could not run: {type(exc).__name__}: {str(exc)[:300]}"
@@ -687,5 +782,33 @@ class TrainingService:
             artifact_uri=run.artifact_uri, hf_repo=(run.config or {}).get("hf_repo"),
             generations=dict((run.config or {}).get("generations") or {}),
             cost_usd=pod_seconds(run, run.ended_at) * (run.price_per_hour or 0.0) / 3600.0,
-            error=run.error,
+            error=run.error, stop_reason=(run.config or {}).get("stop_reason"),
+            notes=list((run.config or {}).get("notes") or []),
         )
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+CUDA_HELP = (
+    "This usually means the host's NVIDIA driver is too old for the CUDA build in the "
+    "training image, or no GPU was visible inside the container. tuner terminates the pod "
+    "right away, so nothing more is billed. Launch again to get another machine; if it keeps "
+    "happening, set TUNER_POD_CUDA_VERSIONS to the host CUDA versions your image supports "
+    "or choose other TUNER_GPU_TYPES."
+)
+
+
+def pod_failure_text(p: Progress) -> str:
+    """A failed pod job in plain words, by its error code."""
+    detail = p.error or "no details"
+    if p.error_code == "cuda_unavailable":
+        return f"the training pod could not use its GPU. {detail.rstrip('.')}. {CUDA_HELP}"
+    if p.error_code == "out_of_memory":
+        return (f"the GPU ran out of memory ({detail}). Choose a smaller base model or "
+                "GPU types with more memory (TUNER_GPU_TYPES), then launch again.")
+    if p.error_code == "model_load":
+        return (f"the base model could not be downloaded or loaded on the pod ({detail}). "
+                "If the model is gated, HF_TOKEN must have access to it; then launch again.")
+    return f"training failed on the pod: {detail}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from jobs.errors import TunerError
+
 
 class RunPodError(RuntimeError):
     """A RunPod API call failed. The message is safe for Slack and logs: it carries the
@@ -33,6 +35,19 @@ class RunPodRequestError(RunPodError):
     """RunPod refused the request for another reason (retrying it will not help)."""
 
 
+class PlainError(TunerError):
+    """A failure whose message is written for the user: shown as is, without its type."""
+
+
+class UnsupportedModelError(PlainError):
+    """The spec names a base model that is not in jobs/catalog.py."""
+
+
+class RunTimeCapError(PlainError):
+    """A run passed its wall-clock cap and its pod was terminated."""
+
+
+
 class BudgetExceededError(RuntimeError):
     """Launching would exceed the project's budget cap."""
 
@@ -54,6 +69,8 @@ class LaunchEstimate:
     spent_usd: float
     budget_usd: float
     price_is_live: bool
+    base_model: str = ""
+    cap_minutes: float = 0.0  # the run's wall-clock cap (estimate x factor, hard-capped)
 
     @property
     def over_budget(self) -> bool:
@@ -90,3 +107,6 @@ class RunOutcome:
     generations: dict[str, str] = field(default_factory=dict)  # eval prompt id -> output
     cost_usd: float = 0.0
     error: str | None = None
+    stop_reason: str | None = None  # stopped runs: "user" | "time_cap" | "early_stopping"
+    # plain-words notes for the thread when training ends (export/push problems, caps)
+    notes: list[str] = field(default_factory=list)

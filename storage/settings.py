@@ -39,7 +39,17 @@ class Settings(BaseSettings):
         "unsloth/unsloth:core-nightly-2026.09.19"
         "@sha256:d081bd90a17ed224e93117f87d0eeba98af49a045f62331da7a3038e5f082d00"
     )
-    tuner_gpu_types: str = "NVIDIA RTX A5000,NVIDIA GeForce RTX 4090,NVIDIA RTX A6000,NVIDIA A40"
+    # empty: the cheapest GPU class that fits the spec's base model (jobs/catalog.py);
+    # a comma-separated list of RunPod GPU ids overrides it for every run
+    tuner_gpu_types: str = ""
+    # host CUDA versions a training pod may land on; empty: every RunPod version >= the
+    # image's CUDA (jobs/catalog.py cuda_versions_for_image)
+    tuner_pod_cuda_versions: str = ""
+    # wall-clock cap per run: the estimate x this factor, never more than the hard cap
+    tuner_run_cap_factor: float = Field(default=2.0, ge=1.0)
+    tuner_max_run_hours: float = Field(default=6.0, gt=0)
+    # also export a GGUF (llama.cpp q4_k_m) to the run's Hub repo (a spec can ask for it too)
+    tuner_gguf: bool = False
     tuner_cloud_types: str = "SECURE,COMMUNITY"
     tuner_reaper_interval_s: int = 300
     tuner_poll_interval_s: float = 10.0
@@ -99,6 +109,10 @@ class Settings(BaseSettings):
     @property
     def gpu_types(self) -> list[str]:
         return self._csv(self.tuner_gpu_types)
+
+    @property
+    def pod_cuda_versions(self) -> list[str]:
+        return self._csv(self.tuner_pod_cuda_versions)
 
     @property
     def cloud_types(self) -> list[str]:

@@ -60,7 +60,8 @@ class ReverseClaude:
                 "name": "word-reverser", "description": "Reverse a list of words",
                 "inputs": "reverse: <words>", "output_requirements": "the words reversed",
                 "style": "bare", "system_prompt": "You reverse lists of words.",
-                "example_count": N_EXAMPLES, "base_model": "tiny", "max_output_tokens": 64,
+                "example_count": N_EXAMPLES, "base_model": "unsloth/Llama-3.2-1B-Instruct",
+                "max_output_tokens": 64,
                 "budget_usd": None}})
         if system.startswith(("[tuner:samples]", "[tuner:generate]")):
             m = re.search(r"Write exactly (\d+) examples", last_user_text(req))
@@ -222,10 +223,14 @@ def test_mention_to_trained_judged_model_with_restart(world: dict[str, Any]) -> 
         assert pngs and pngs[-1]["content"][:8] == b"\x89PNG\r\n\x1a\n"
         assert world["claude"].judge_calls >= 2
 
+        # no Hub push (this run switches the merge off) was said when training ended, with the fix
+        pushed = _text_in_thread(slack, "not pushed to the Hugging Face Hub", 30)
+        assert "save_merged" in pushed["text"]
         # 8. Deploy: without a pushed model the thread gets a clear reason, nothing billing
         _click(slack, B.DEPLOY)
-        err = _text_in_thread(slack, "Hugging Face Hub", 60)
-        assert err["text"].startswith(":warning:") and "push to the Hub failed" in err["text"]
+        err = _text_in_thread(slack, "not on the Hugging Face Hub", 60)
+        assert err["text"].startswith(":warning:") and "did not push a model" in err["text"]
+        assert "save_merged" in err["text"] and "set HF_TOKEN" not in err["text"]
         assert world["sl"].live_endpoints == []
         everything = json.dumps(slack.messages) + json.dumps(slack.ephemerals)
         for secret in ("hf_e2e_secret", API_KEY, BOT_TOKEN, rp.api_key, run.pod_token or "x" * 40):

@@ -47,6 +47,7 @@ class ScriptedClaude:
         self.questions = questions
         self.example_count = example_count
         self.define_malformed = False
+        self.base_models: list[str] = []  # base_model of each spec written, in turn
         self.generate_latency = 0.0
         self.generate_calls = 0
         self.lock = threading.Lock()
@@ -84,7 +85,8 @@ class ScriptedClaude:
             "style": "terse",
             "system_prompt": "You triage support tickets.",
             "example_count": self.example_count,
-            "base_model": "unsloth/Llama-3.2-1B-Instruct",
+            "base_model": self.base_models.pop(0) if self.base_models
+            else "unsloth/Llama-3.2-1B-Instruct",
             "max_output_tokens": 256,
             "budget_usd": None,
         }
@@ -111,6 +113,7 @@ class ScriptedTrainer:
     db: Database
     budget_refusals: int = 0
     failures: int = 0
+    notes: list[str] = field(default_factory=list)  # said in the thread when training ends
     launched: list[tuple[int, int, str]] = field(default_factory=list)
     ran: list[int] = field(default_factory=list)
 
@@ -155,7 +158,7 @@ class ScriptedTrainer:
             )).all()
         gens = {str(e.id): e.response for e in tests}
         return RunOutcome(run_id, "succeeded", best_eval_loss=snap.best_eval_loss, best_step=60,
-                          generations=gens, cost_usd=0.07)
+                          generations=gens, cost_usd=0.07, notes=list(self.notes))
 
     def request_stop(self, run_id: int) -> bool:
         return True
@@ -405,6 +408,39 @@ def test_import_then_launch_train_judge_and_skip(env: Env) -> None:
     assert env.runner.resume(TID, deploy_iid, {"action": "skip", "user": "UADMIN"})
     assert env.runner.pending(TID) == []
     assert env.runner.reply(TID, "U1", "hello?") is False
+
+
+def test_unknown_base_model_is_refused_at_the_spec_step_with_the_supported_list(env: Env) -> None:
+    from jobs.catalog import supported_ids
+
+    env.claude.questions = 0
+    env.claude.base_models = ["meta-llama/Llama-2-70b-chat-hf", "unsloth/qwen2.5-3b-instruct"]
+    env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1",
+                     text="triage tickets with Llama 2 70B")
+    env.only_pending("question")  # no spec card: it could be approved with an unknown model
+    refusal = env.asks()[-1][1]["text"]
+    assert "`meta-llama/Llama-2-70b-chat-hf`" in refusal and "isn't one of the base models" in refusal
+    assert all(m in refusal for m in supported_ids())
+    with env.db.session() as s:
+        assert s.exec(select(TaskSpecRow)).all() == []
+    define_reqs = _requests(env.fake, "[tuner:define]")
+    assert all(m in system_text(define_reqs[0]) for m in supported_ids())  # Claude is told too
+    # the user picks one; the spec card shows it in the catalog's spelling
+    assert env.runner.reply(TID, "U1", "use qwen 2.5 3b then")
+    env.only_pending("spec")
+    assert env.asks()[-1][1]["spec"]["base_model"] == "unsloth/Qwen2.5-3B-Instruct"
+    assert _requests(env.fake, "[tuner:define]")[-1]["messages"][-2]["content"] == refusal
+
+
+def test_training_end_notes_are_said_in_the_thread(env: Env) -> None:
+    env.trainer.notes = ["Pushing the model to the Hugging Face Hub failed (403). Fix the token."]
+    env.runner.start(team="T1", channel="C1", thread_ts="100.1", user="U1", text="triage")
+    assert env.runner.import_file(TID, "U1", "tickets.jsonl", JSONL.encode())
+    assert env.runner.resume(TID, env.only_pending("launch"), {"action": "launch", "user": "UADMIN"})
+    env.only_pending("deploy")
+    says = env.notifier.texts("say")
+    note = says.index(env.trainer.notes[0])
+    assert note < next(i for i, t in enumerate(says) if t.startswith("*Judge results*"))
 
 
 def test_malformed_llm_output_reports_and_stays_resumable(env: Env) -> None:

@@ -96,3 +96,15 @@ def test_wrong_api_key_is_rejected(fake, monkeypatch):
 
 def test_pod_url_from_template(fake, api):
     assert api.pod_url("abc") == f"{fake.base_url}/proxy/abc-8000"
+
+
+def test_allowed_cuda_versions_and_disk_reach_runpod(fake, api):
+    fake.host_cuda["NVIDIA RTX A5000"] = "12.4"  # older driver than the image needs
+    pod_id, choice = api.create_pod_with_fallback(
+        "run-7", "img", {}, container_disk_gb=70, allowed_cuda_versions=["12.8", "12.9"])
+    assert choice.gpu_type == "NVIDIA GeForce RTX 4090"  # the A5000 host was refused
+    pod = fake.pods[pod_id]
+    assert pod.allowed_cuda == ["12.8", "12.9"] and pod.container_disk_gb == 70
+    assert fake.create_attempts[0] == ("NVIDIA RTX A5000", "SECURE")
+    with pytest.raises(NoCapacityError, match="allowedCudaVersions"):
+        api.create_pod_with_fallback("run-8", "img", {}, allowed_cuda_versions=["12.10"])

@@ -13,6 +13,14 @@
   TUNER_POD_URL_TEMPLATE="http://127.0.0.1:{fake_port}/proxy/{pod_id}-{port}".
 - Billing: seconds from create to terminate (or to vanishing) per pod. An EXITED pod
   (crash(exited=True): its container's process ended) still bills until terminated.
+- Host CUDA: each GPU type's hosts report `host_cuda[gpu]` (default "12.8"). A create
+  with `allowedCudaVersions` refuses any value outside RunPod's enum (api-reference/
+  openapi.json in runpod/docs, PodCreateInput.allowedCudaVersions) and, as the real
+  scheduler does (matching is exact, "a version no machine reports yields a capacity
+  error": api-reference-v2/openapi.json CreateGpuConfig), answers "no instances
+  available" when the host's CUDA is not listed. `containerDiskInGb` is kept per pod.
+- Every request proxied to a pod is recorded in `proxied` (pod id, method, path, body),
+  so tests can read what the pod program was sent (e.g. the POST /job config).
 - Failure injection (real RunPod behaviours): `terminate_failures = n` makes the next n
   podTerminate calls fail with RunPod's internal-error GraphQL message; `create_delay_s`
   delays the answer to podFindAndDeployOnDemand AFTER the pod exists (a client killed
@@ -36,7 +44,9 @@
 - Extension points: add_graphql_handler(fn(query, variables) -> response|None) for
   queries this fake doesn't know (e.g. serverless templates/endpoints), and
   add_route_handler(fn(method, path, headers, body) -> (status, headers, body)|None)
-  for extra HTTP routes (e.g. serverless REST).
+  for extra HTTP routes (e.g. serverless REST). `proxy_status[path] = code` answers
+  that pod path with a Cloudflare error page instead of forwarding it (520/522/524 are
+  documented Cloudflare errors on RunPod's proxy).
 """
 
 from __future__ import annotations
@@ -77,6 +87,9 @@ from tests.fakes.runpod_faults import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# RunPod's allowedCudaVersions enum (GraphQL schema / REST v2 OpenAPI `cudaVersions`).
+RUNPOD_CUDA_VERSIONS = ("11.8", "12.0", "12.1", "12.2", "12.3", "12.4", "12.5", "12.6", "12.7",
+                        "12.8", "12.9", "13.0")
 __all__ = ["NO_CAPACITY_MSG", "FakePod", "FakeRunPod", "Fault"]
 GQL_OPS = ("create", "terminate", "stop", "pods", "pod", "gpuTypes")
 
@@ -236,6 +249,8 @@ class FakePod:
     ports: str
     port: int
     workdir: Path
+    container_disk_gb: int = 0
+    allowed_cuda: list[str] | None = None
     created_at: float = field(default_factory=time.monotonic)
     ended_at: float | None = None  # terminated or vanished
     terminated: bool = False
@@ -343,6 +358,9 @@ class FakeRunPod:
         self._own_root = workroot is None
         self.workroot = workroot or Path(tempfile.mkdtemp(prefix="fake-runpod-"))
         self.pods: dict[str, FakePod] = {}
+        self.host_cuda: dict[str, str] = {}  # gpu id -> host CUDA; missing: "12.8"
+        self.proxied: list[tuple[str, str, str, bytes]] = []
+        self.proxy_status: dict[str, int] = {}
         self.create_attempts: list[tuple[str, str]] = []
         self.terminate_failures = 0
         self.terminate_calls = 0
@@ -567,7 +585,14 @@ class FakeRunPod:
         inp = args["input"]
         gpu, cloud = inp.get("gpuTypeId", ""), str(inp.get("cloudType", "ALL"))
         self.create_attempts.append((gpu, cloud))
+        allowed = inp.get("allowedCudaVersions")
+        if allowed is not None:
+            bad = [v for v in allowed if v not in RUNPOD_CUDA_VERSIONS]
+            if bad:
+                return _err(f"Invalid input: allowedCudaVersions has unknown value(s) {bad}")
         if gpu not in self.prices or not self._has_capacity(gpu, cloud):
+            return _err(self.no_capacity_message, "podFindAndDeployOnDemand")
+        if allowed is not None and self.host_cuda.get(gpu, "12.8") not in allowed:
             return _err(self.no_capacity_message, "podFindAndDeployOnDemand")
         env = {e["key"]: e["value"] for e in inp.get("env") or []}
         pod_id = secrets.token_hex(7)
@@ -577,6 +602,7 @@ class FakeRunPod:
             gpu_type=gpu, cloud_type=cloud, price=com if cloud == "COMMUNITY" else sec,
             env=env, docker_args=inp.get("dockerArgs", ""), ports=inp.get("ports", ""),
             port=_free_port(), workdir=self.workroot / pod_id, boot=self.boot_statuses,
+            container_disk_gb=int(inp.get("containerDiskInGb") or 0), allowed_cuda=allowed,
         )
         with self._lock:
             self.pods[pod_id] = pod
@@ -624,7 +650,7 @@ class FakeRunPod:
             "desiredStatus": pod.status, "costPerHr": pod.price,
             "dockerArgs": pod.docker_args, "dockerId": None,
             "env": [f"{k}={v}" for k, v in pod.env.items()],
-            "gpuCount": 1, "containerDiskInGb": 40, "memoryInGb": 31, "vcpuCount": 8,
+            "gpuCount": 1, "containerDiskInGb": pod.container_disk_gb, "memoryInGb": 31, "vcpuCount": 8,
             "volumeInGb": 0, "volumeMountPath": "/runpod-volume", "podType": "RESERVED",
             "port": None, "ports": pod.ports, "machineId": "m-" + pod.id,
             "lastStatusChange": "Rented by User", "uptimeSeconds": int(pod.billed_seconds()),
@@ -713,6 +739,11 @@ class FakeRunPod:
                  body: bytes) -> tuple[int, dict[str, str], bytes]:
         if pod.proc is None or pod.proc.poll() is not None:
             return 502, {"Content-Type": "text/plain"}, b"502 Bad Gateway"
+        sub = path
+        self.proxied.append((pod.id, method, sub, body))
+        if sub in self.proxy_status:
+            code = self.proxy_status[sub]
+            return code, {"Content-Type": "text/html"}, f"<html>error code: {code}</html>".encode()
         conn = http.client.HTTPConnection("127.0.0.1", pod.port, timeout=60)
         fwd = {k: v for k, v in headers.items() if k.lower() not in ("host", "connection")}
         try:
