@@ -38,6 +38,7 @@ class ScriptedRunner:
     payloads: dict[str, dict[str, Any]] = field(default_factory=dict)  # interrupt id -> payload
     block: threading.Event | None = None
     resume_block: threading.Event | None = None
+    entered: list[str] = field(default_factory=list)  # replies that reached the runner
 
     def start(self, *, team: str, channel: str, thread_ts: str, user: str, text: str) -> None:
         tid = f"{team}:{channel}:{thread_ts}"
@@ -49,8 +50,9 @@ class ScriptedRunner:
         self.calls.append(("start", (tid, user, text)))
 
     def reply(self, thread_id: str, user: str, text: str) -> bool:
+        self.entered.append(text)
         if self.block is not None:
-            self.block.wait(5)
+            self.block.wait(30)
         self.calls.append(("reply", (thread_id, user, text)))
         return True
 
@@ -631,6 +633,9 @@ def test_saturated_worker_tells_the_user_instead_of_dropping(make_bot) -> None:
     bot.runner.block = threading.Event()  # the first reply occupies the only queue slot
     try:
         bot.post(message_event("U1", CH, "540.000002", "first", thread_ts="540.000001"))
+        # Bolt runs event listeners off the request thread: wait until the first reply holds
+        # the queue slot, or the second event can overtake it.
+        bot.fake.wait_for(lambda: bot.runner.entered, timeout=30)
         bot.post(message_event("U1", CH, "540.000003", "second", thread_ts="540.000001"))
         eph = bot.fake.wait_for(lambda: bot.fake.ephemerals)
         assert eph[0]["text"] == OVERLOADED and eph[0]["user"] == "U1"
