@@ -7,7 +7,7 @@ import runpod
 from runpod import error as rp_error
 
 from jobs.runpod_api import FALLBACK_PRICES, RunPodAPI, gql_escape
-from jobs.types import NoCapacityError, RunPodAuthError
+from jobs.types import NoCapacityError, RunPodAuthError, RunPodRequestError
 from storage.settings import Settings
 
 GPUS = ["NVIDIA RTX A5000", "NVIDIA GeForce RTX 4090"]
@@ -106,5 +106,5 @@ def test_allowed_cuda_versions_and_disk_reach_runpod(fake, api):
     pod = fake.pods[pod_id]
     assert pod.allowed_cuda == ["12.8", "12.9"] and pod.container_disk_gb == 70
     assert fake.create_attempts[0] == ("NVIDIA RTX A5000", "SECURE")
-    with pytest.raises(NoCapacityError, match="allowedCudaVersions"):
+    with pytest.raises(RunPodRequestError, match="allowedCudaVersions"):
         api.create_pod_with_fallback("run-8", "img", {}, allowed_cuda_versions=["12.10"])
