@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from agent.ports import Notifier
 from jobs.llm import LLM
-from jobs.types import LaunchEstimate, RunOutcome, RunSnapshot
+from jobs.values import LaunchEstimate, RunOutcome, RunSnapshot
 from storage.db import Database
 from storage.settings import Settings
 

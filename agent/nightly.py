@@ -27,7 +27,7 @@ from agent.nodes_common import sentence
 from agent.ports import Notifier
 from jobs.judge import JudgeService, score, verdict
 from jobs.llm import LLM
-from jobs.types import RunOutcome, RunSnapshot
+from jobs.values import RunOutcome, RunSnapshot
 from storage import spend
 from storage.db import Database
 from storage.models import Dataset, EvalResult, Example, NightlyRun, Project, Run, SpendEntry, utcnow

@@ -14,7 +14,7 @@ from langgraph.types import Command, interrupt
 from agent.context import AgentContext
 from agent.state import AgentState
 from jobs.llm import LLMOutputError
-from jobs.types import PlainError
+from jobs.values import PlainError
 from storage.models import Project
 from storage.redact import redact
 

@@ -21,7 +21,7 @@ from agent.nodes_common import (
 )
 from agent.ports import Action
 from agent.state import AgentState
-from jobs.types import BudgetExceededError, RunSnapshot
+from jobs.values import BudgetExceededError, RunSnapshot
 from storage.models import Dataset
 
 __all__ = ["estimate", "launch_wait", "start_run", "train", "progress_text"]

@@ -31,7 +31,7 @@ from sqlmodel import select  # noqa: E402
 from jobs.reaper import reap  # noqa: E402
 from jobs.runpod_api import RunPodAPI  # noqa: E402
 from jobs.training import TrainingService  # noqa: E402
-from jobs.types import RunSnapshot  # noqa: E402
+from jobs.values import RunSnapshot  # noqa: E402
 from storage.db import Database  # noqa: E402
 from storage.models import Run, SpendEntry  # noqa: E402
 from storage.settings import Settings  # noqa: E402

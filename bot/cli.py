@@ -95,7 +95,7 @@ def check_runpod(settings: Settings) -> Check:
     if settings.runpod_api_key is None:
         return Check(name, MISSING, "set RUNPOD_API_KEY (training and deployment need it)")
     from jobs.runpod_api import RunPodAPI
-    from jobs.types import RunPodAuthError, RunPodError, RunPodTransientError
+    from jobs.values import RunPodAuthError, RunPodError, RunPodTransientError
 
     try:  # one try: the doctor reports, it does not wait out an outage
         pods = RunPodAPI(settings.model_copy(update={"tuner_runpod_attempts": 1})).list_pods()

@@ -38,7 +38,7 @@ from jobs.catalog import (
 )
 from jobs.estimate import RunEstimate, Workload, row_tokens
 from jobs.podproto import TrainConfig
-from jobs.types import UnsupportedModelError
+from jobs.values import UnsupportedModelError
 from storage.db import Database
 from storage.models import Example, TaskSpecRow
 from storage.settings import Settings

@@ -16,7 +16,7 @@ Facts this wrapper handles:
 - `runpod.error.QueryError.query` holds the whole mutation (including env secrets): it is
   never logged or re-raised from here.
 - Every SDK call goes through jobs.runpod_retry: failures come out typed (transient / no
-  capacity / auth / request, jobs.types) and transient ones are retried with bounded
+  capacity / auth / request, jobs.values) and transient ones are retried with bounded
   backoff (429 waits its Retry-After). Only RunPod's real no-capacity answers move
   create_pod_with_fallback to the next GPU/cloud.
 - A create whose answer is lost (5xx, HTML page, reset, timeout) may still have made the
@@ -42,7 +42,7 @@ import runpod
 from jobs import podstatus
 from jobs.podproto import TOKEN_ENV
 from jobs.runpod_retry import RetryPolicy, sdk_call, with_retries
-from jobs.types import (
+from jobs.values import (
     GpuChoice,
     NoCapacityError,
     RunPodError,

@@ -40,7 +40,7 @@ import requests
 from runpod import error as rp_error
 from runpod.api import graphql as rp_graphql
 
-from jobs.types import (
+from jobs.values import (
     NoCapacityError,
     RunPodAuthError,
     RunPodError,

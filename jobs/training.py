@@ -79,7 +79,7 @@ from jobs.run_plan import (
     workload_for,
 )
 from jobs.runpod_api import RunPodAPI, pod_is_alive
-from jobs.types import (
+from jobs.values import (
     BudgetExceededError,
     LaunchEstimate,
     PlainError,

@@ -1,8 +1,13 @@
-"""SQLModel tables. One Slack thread = one project."""
+"""SQLModel tables. One Slack thread = one project.
+
+Statuses are StrEnums (stored as their string values) with the active/terminal sets next
+to them, so "is this run still going?" has one answer everywhere.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, Column, UniqueConstraint
@@ -13,6 +18,58 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+class ProjectStatus(StrEnum):
+    DEFINING = "defining"  # the task is being defined / the spec waits for approval
+    SAMPLING = "sampling"  # sample examples are being written or reviewed
+    GENERATING = "generating"  # the dataset is being generated
+    READY = "ready"  # a dataset exists; nothing is training or deployed
+    TRAINING = "training"  # a run is active
+    JUDGING = "judging"  # the judge is comparing the trained model
+    DEPLOYED = "deployed"  # an endpoint is live
+    FAILED = "failed"  # the last step failed; the thread offers what to do next
+
+
+class RunStatus(StrEnum):
+    PENDING = "pending"  # launched, no pod slot claimed yet
+    STARTING = "starting"  # a pod is being created / booting; no job on it yet
+    RUNNING = "running"  # the job was submitted to the pod
+    SUCCEEDED = "succeeded"  # trained to the end; results fetched
+    STOPPED = "stopped"  # stopped early (user, time cap, early stopping); best checkpoint kept
+    FAILED = "failed"  # could not train (pod, CUDA, data...); the error says why
+    REAPED = "reaped"  # its pod was terminated by the reaper (no live bot owned it)
+
+
+ACTIVE_RUN_STATUSES: frozenset[RunStatus] = frozenset(
+    {RunStatus.PENDING, RunStatus.STARTING, RunStatus.RUNNING})
+TERMINAL_RUN_STATUSES: frozenset[RunStatus] = frozenset(
+    {RunStatus.SUCCEEDED, RunStatus.STOPPED, RunStatus.FAILED, RunStatus.REAPED})
+# runs that produced a model the judge and deploy can use
+MODEL_RUN_STATUSES: frozenset[RunStatus] = frozenset({RunStatus.SUCCEEDED, RunStatus.STOPPED})
+
+
+class DeploymentStatus(StrEnum):
+    CREATING = "creating"  # template/endpoint being created, smoke requests running
+    HEALTHY = "healthy"  # live: answered its smoke requests
+    FAILED = "failed"  # could not be brought up; torn down
+    REMOVED = "removed"  # undeployed
+
+
+ACTIVE_DEPLOYMENT_STATUSES: frozenset[DeploymentStatus] = frozenset(
+    {DeploymentStatus.CREATING, DeploymentStatus.HEALTHY})
+
+
+class NightlyStatus(StrEnum):
+    RUNNING = "running"  # claimed for (project, date); work in progress
+    SKIPPED = "skipped"  # nothing to do (no or too little new data, a run already active)
+    PROMOTED = "promoted"  # retrained and the new model became the champion
+    KEPT = "kept"  # retrained; the champion stays
+    FAILED = "failed"  # the nightly could not finish; the report says why
+
+
+TERMINAL_NIGHTLY_STATUSES: frozenset[NightlyStatus] = frozenset(
+    {NightlyStatus.SKIPPED, NightlyStatus.PROMOTED, NightlyStatus.KEPT, NightlyStatus.FAILED})
+
+
 class Project(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     thread_id: str = Field(index=True, unique=True)  # team:channel:thread_ts
@@ -21,7 +78,7 @@ class Project(SQLModel, table=True):
     thread_ts: str
     created_by: str
     name: str = ""
-    status: str = "defining"  # defining|sampling|generating|ready|training|judging|deployed|failed
+    status: str = ProjectStatus.DEFINING
     budget_usd: float = 50.0
     nightly_enabled: bool = False
     champion_run_id: int | None = None
@@ -78,7 +135,7 @@ class Run(SQLModel, table=True):
     project_id: int = Field(foreign_key="project.id", index=True)
     dataset_id: int | None = Field(default=None, foreign_key="dataset.id")
     kind: str = "train"  # train|nightly
-    status: str = "pending"  # pending|starting|running|succeeded|failed|stopped|reaped
+    status: str = RunStatus.PENDING
     pod_id: str | None = Field(default=None, index=True)
     pod_token: str | None = None  # bearer token of the pod control server (never logged)
     gpu_type: str | None = None
@@ -130,7 +187,7 @@ class Deployment(SQLModel, table=True):
     endpoint_id: str | None = Field(default=None, index=True)
     template_id: str | None = None
     model_ref: str = ""
-    status: str = "creating"  # creating|healthy|failed|removed
+    status: str = DeploymentStatus.CREATING
     cost_per_1k_usd: float | None = None
     big_model_cost_per_1k_usd: float | None = None
     created_at: datetime = Field(default_factory=utcnow)
@@ -172,7 +229,7 @@ class NightlyRun(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     project_id: int = Field(foreign_key="project.id", index=True)
     run_date: str  # YYYY-MM-DD
-    status: str = "running"  # running|skipped|trained|promoted|kept|failed
+    status: str = NightlyStatus.RUNNING
     run_id: int | None = Field(default=None, foreign_key="run.id")  # its training run
     new_examples: int = 0
     report: str = ""

@@ -24,7 +24,7 @@ from jobs.deploy import DeployService
 from jobs.judge import JudgeService
 from jobs.serverless import ServerlessClient
 from jobs.template_cleanup import TemplateCleaner
-from jobs.types import BudgetExceededError, LaunchEstimate, RunOutcome, RunSnapshot
+from jobs.values import BudgetExceededError, LaunchEstimate, RunOutcome, RunSnapshot
 from storage.db import Database
 from storage.models import Dataset, Deployment, Example, Project, Run, TaskSpecRow
 from storage.settings import Settings

@@ -19,7 +19,7 @@ from jobs.catalog import cuda_versions_for_image, lookup
 from jobs.podproto import ADAPTER_ARTIFACT
 from jobs.runpod_api import RunPodAPI
 from jobs.training import TrainingService
-from jobs.types import RunSnapshot
+from jobs.values import RunSnapshot
 from storage.db import Database
 from storage.models import Dataset, Example, Project, Run, SpendEntry, TaskSpecRow
 from storage.settings import Settings

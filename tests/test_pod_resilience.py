@@ -19,7 +19,7 @@ from jobs.podstatus import (
     pod_is_alive,
 )
 from jobs.training import pod_name
-from jobs.types import RunSnapshot
+from jobs.values import RunSnapshot
 from storage.models import Run
 from tests.fakes.runpod_faults import html_error, lost, rate_limited
 from tests.test_training import TRAIN_CFG, pod_rows, run_pod, seed

@@ -7,7 +7,7 @@ import runpod
 from runpod import error as rp_error
 
 from jobs.runpod_api import FALLBACK_PRICES, RunPodAPI, gql_escape
-from jobs.types import NoCapacityError, RunPodAuthError, RunPodRequestError
+from jobs.values import NoCapacityError, RunPodAuthError, RunPodRequestError
 from storage.settings import Settings
 
 GPUS = ["NVIDIA RTX A5000", "NVIDIA GeForce RTX 4090"]

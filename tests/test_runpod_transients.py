@@ -14,7 +14,7 @@ import requests
 from jobs.reaper import reap
 from jobs.runpod_api import FALLBACK_PRICES, RunPodAPI
 from jobs.runpod_retry import RetryPolicy, classify, retry_after_seconds
-from jobs.types import (
+from jobs.values import (
     NoCapacityError,
     RunPodAuthError,
     RunPodError,

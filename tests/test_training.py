@@ -15,7 +15,7 @@ from jobs.chart import loss_chart_png
 from jobs.podproto import ADAPTER_ARTIFACT
 from jobs.runpod_api import RunPodAPI
 from jobs.training import POD_ENV, POD_START_CMD, TrainingService, pod_bundle_b64
-from jobs.types import BudgetExceededError, RunSnapshot
+from jobs.values import BudgetExceededError, RunSnapshot
 from storage.db import Database
 from storage.models import Dataset, Example, MetricPoint, Project, Run, SpendEntry, TaskSpecRow
 from storage.settings import Settings

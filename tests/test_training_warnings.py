@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from agent.nodes_train import progress_text
 from jobs.training import LOW_EVAL_LOSS, training_warnings
-from jobs.types import RunSnapshot
+from jobs.values import RunSnapshot
 
 TRAIN_FALLING = [(s, 2.0 - s / 100) for s in range(0, 101, 10)]
 TRAIN_RISING = [(s, 1.0 + s / 100) for s in range(0, 101, 10)]
